@@ -1,0 +1,20 @@
+"""etrace: online learning of recurrent and spiking networks with eligibility traces."""
+
+from ._algorithm.base import (
+    AbstractAlgorithm as AbstractAlgorithm,
+    AbstractUnitAlgorithm as AbstractUnitAlgorithm,
+)
+from ._algorithm.d_rtrl import D_RTRL as D_RTRL
+from ._errors import EtraceError as EtraceError, EtraceWarning as EtraceWarning
+from ._graph import Graph as Graph, Group as Group, Site as Site, Unit as Unit
+from ._learner import Learner as Learner, TraceState as TraceState, compile as compile
+from ._runtime import Jacobians as Jacobians
+from ._sequence import (
+    bptt_grad as bptt_grad,
+    compare as compare,
+    Comparison as Comparison,
+    online_grad as online_grad,
+)
+
+
+__version__ = "0.1.0"

@@ -1,0 +1,130 @@
+"""The algorithm interface: stateless strategy objects over the analysed graph."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, PyTree
+
+from .._graph import Graph, Unit
+
+
+class AbstractAlgorithm(eqx.Module):
+    """An online gradient algorithm: how traces start, evolve and are read out.
+
+    Algorithms are stateless: their fields are hyper-parameters only; the traces they
+    keep live in the `TraceState` and are passed in and handed back. The driver
+    (`Learner.step`) calls them once per hidden group and step, with the graph
+    restricted to that group (`graph.subgraph(group)`).
+
+    Subclass this directly for full control, subclass `AbstractUnitAlgorithm` when
+    every unit (one weight site feeding one hidden group) keeps its own trace, or wrap
+    an existing algorithm (see `examples/custom_algorithm.py`).
+    """
+
+    @abc.abstractmethod
+    def init(self, graph: Graph) -> dict[str, PyTree[Array]]:
+        """Zero traces for one example, keyed by unit name.
+
+        **Arguments:**
+
+        - `graph`: the analysed graph; its units give the shapes and dtypes.
+
+        **Returns:**
+
+        A dictionary from unit name to that unit's trace (any pytree of arrays).
+        """
+
+    @abc.abstractmethod
+    def update(
+        self, graph: Graph, traces: dict[str, PyTree[Array]], jac: Any
+    ) -> dict[str, PyTree[Array]]:
+        """Advances the traces by one step.
+
+        **Arguments:**
+
+        - `graph`: the graph restricted to one hidden group.
+        - `traces`: that group's units' traces at step `t - 1`.
+        - `jac`: an `etrace.Jacobians` with this step's `D`, `Df` and `x`.
+
+        **Returns:**
+
+        The traces at step `t`, same structure.
+        """
+
+    @abc.abstractmethod
+    def gradients(
+        self,
+        graph: Graph,
+        traces: dict[str, PyTree[Array]],
+        signal: dict[str, Array],
+        jac: Any,
+    ) -> dict[str, Array]:
+        """Reads out parameter gradients from the traces and the learning signal.
+
+        **Arguments:**
+
+        - `graph`: the graph restricted to one hidden group.
+        - `traces`: the traces at step `t` (after `update`).
+        - `signal`: per group name, `dL^t/dh^t` of shape `(N, K)`: this step's loss
+            gradient with respect to the new hidden state, including every same-step
+            path through later layers.
+        - `jac`: this step's `etrace.Jacobians`.
+
+        **Returns:**
+
+        Per unit name, the gradient with respect to the unit's weight in canonical
+        `(B, Fw, C)` layout.
+        """
+
+
+class AbstractUnitAlgorithm(AbstractAlgorithm):
+    """An algorithm that keeps an independent trace for every unit.
+
+    Subclasses implement `init_unit`, `update_unit` and `gradient_unit`; the diagonal
+    Jacobian `D` and the learning signal arrive already gathered to each output of
+    the unit (`D[nmap]`, `signal[nmap]`).
+    """
+
+    @abc.abstractmethod
+    def init_unit(self, unit: Unit) -> PyTree[Array]:
+        """Zero trace for one unit and one example."""
+
+    @abc.abstractmethod
+    def update_unit(
+        self, unit: Unit, trace: PyTree[Array], D: Array, Df: Array, x: Array
+    ) -> PyTree[Array]:
+        """One step of the trace recurrence.
+
+        `D` has shape `(B, Fw, Fx, K, K)`, `Df` `(B, Fw, Fx, K)`, `x` `(B, Fx, C)`.
+        """
+
+    @abc.abstractmethod
+    def gradient_unit(
+        self, unit: Unit, trace: PyTree[Array], signal: Array, Df: Array, x: Array
+    ) -> Array:
+        """The `(B, Fw, C)` weight gradient; `signal` has shape `(B, Fw, Fx, K)`."""
+
+    def init(self, graph: Graph) -> dict[str, PyTree[Array]]:
+        return {u.name: self.init_unit(u) for u in graph.units}
+
+    def update(self, graph, traces, jac):
+        out = {}
+        for u in graph.units:
+            D = jnp.asarray(jac.D[u.group.name])[u.nmap]
+            out[u.name] = self.update_unit(
+                u, traces[u.name], D, jac.Df[u.name], jac.x[u.name]
+            )
+        return out
+
+    def gradients(self, graph, traces, signal, jac):
+        out = {}
+        for u in graph.units:
+            sig = signal[u.group.name][u.nmap]
+            out[u.name] = self.gradient_unit(
+                u, traces[u.name], sig, jac.Df[u.name], jac.x[u.name]
+            )
+        return out

@@ -1,0 +1,44 @@
+"""Diagonal real-time recurrent learning."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from .._graph import Unit
+from .base import AbstractUnitAlgorithm
+
+
+class D_RTRL(AbstractUnitAlgorithm):
+    r"""Diagonal RTRL: a full eligibility trace per weight, diagonal in the neurons.
+
+    For a weight op $y = W x$ feeding a hidden group with $K$ states per neuron, the
+    trace of weight $W_{mi}$ (output $m$ of neuron $n(m)$) follows
+
+    $$\epsilon^t_{mik} = \sum_{k'} D^t_{n(m)kk'}\,\epsilon^{t-1}_{mik'}
+        + D_f{}^t_{mk}\, x^t_i$$
+
+    and the gradient is $\nabla W_{mi} = \sum_k c^t_{k}[n(m)]\,\epsilon^t_{mik}$ with
+    $c^t = \partial L^t / \partial h^t$. Element-wise parameters are the case $x = 1$.
+    Memory is $O(|W| K)$ per example.
+
+    Exact (equal to BPTT) when every recurrence is element-wise: one temporal layer,
+    no hidden-to-hidden weight, a readout without state of its own. With recurrent
+    weights it drops the paths through them (the diagonal approximation).
+
+    Reference: Murray, "Local online learning in recurrent networks with random
+    feedback" (2019); Zucchet et al., "Online learning of long-range dependencies"
+    (2023); the trace in this form is the D-RTRL of braintrace/brainstate.
+    """
+
+    def init_unit(self, unit: Unit) -> Float[Array, "b w f c k"]:
+        return jnp.zeros(unit.shape + (unit.k,), unit.site.dtype)
+
+    def update_unit(self, unit, trace, D, Df, x):
+        del unit
+        decayed = jnp.einsum("bwfkj,bwfcj->bwfck", D, trace)
+        return decayed + jnp.einsum("bwfk,bfc->bwfck", Df, x)
+
+    def gradient_unit(self, unit, trace, signal, Df, x):
+        del unit, Df, x
+        return jnp.einsum("bwfk,bwfck->bwc", signal, trace)

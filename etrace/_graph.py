@@ -1,0 +1,149 @@
+"""The analysed structure of a model's step, as the algorithms see it.
+
+A *site* is a place where a parameter enters the recurrent update: the output of a
+matrix weight operation `y = op(W, x)`, or an element-wise parameter value `e` (a bias,
+decay or threshold, after any computation on parameters alone). A *hidden group* is a
+set of state leaves whose neurons interact element-wise (an LSTM's `h` and `c`). A
+*unit* is one site feeding one group: it is what an algorithm keeps a trace for.
+
+Every site is put in a canonical form `y[b, w, f] = sum_c W[b, w, c] x[b, f, c]` with
+`B` batch (grouped) dimensions, `Fw` outputs per weight row, `Fx` input positions sharing
+the weight, and `C` contracted inputs. A dense layer is `B = Fx = 1`; an element-wise
+parameter is `B = Fx = C = 1` with `x = 1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from ._ir import Operand
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Group:
+    """A hidden group: `k` state leaves of `n` neurons each that interact element-wise.
+
+    **Attributes:**
+
+    - `name`: a readable name (the path of its first state leaf).
+    - `leaves`: indices of its leaves among the flattened state leaves.
+    - `leaf_names`: the paths of those leaves.
+    - `n`: number of neurons (elements per leaf).
+    - `k`: number of states per neuron.
+    - `dtype`: the dtype of its leaves.
+    """
+
+    name: str
+    leaves: tuple[int, ...]
+    leaf_names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    n: int
+    k: int
+    dtype: Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Site:
+    """Where a parameter enters the recurrent update (see the module docstring).
+
+    **Attributes:**
+
+    - `name`: a readable name, e.g. `cell.weight_ih @ x`.
+    - `kind`: `"matrix"` or `"elementwise"`.
+    - `params`: indices of the parameter leaves the site's weight depends on.
+    - `b`, `fw`, `fx`, `c`: the canonical sizes.
+    """
+
+    name: str
+    kind: str
+    out: int
+    weight: int
+    x: Operand | None
+    eqn: int | None
+    params: tuple[int, ...]
+    b: int
+    fw: int
+    fx: int
+    c: int
+    w_shape: tuple[int, ...]
+    w_perm: tuple[int, ...]
+    x_perm: tuple[int, ...]
+    y_perm: tuple[int, ...]
+    dtype: Any
+
+    def canonical_x(self, x: Any) -> Any:
+        """The op's input in canonical `(B, Fx, C)` form (ones for element-wise)."""
+        if self.kind == "elementwise":
+            return jnp.ones((1, 1, 1), self.dtype)
+        return jnp.transpose(x, self.x_perm).reshape(self.b, self.fx, self.c)
+
+    def canonical_y(self, y: Any) -> Any:
+        """An array shaped like the site's output, in canonical `(B, Fw, Fx)` form."""
+        y = jnp.transpose(y, self.y_perm) if self.y_perm else y
+        return y.reshape(self.b, self.fw, self.fx)
+
+    def canonical_y_np(self, y: np.ndarray) -> np.ndarray:
+        y = np.transpose(y, self.y_perm) if self.y_perm else y
+        return y.reshape(self.b, self.fw, self.fx)
+
+    def weight_from_canonical(self, g: Any) -> Any:
+        """Maps a canonical `(B, Fw, C)` weight gradient back to the weight's layout."""
+        permuted = tuple(self.w_shape[i] for i in self.w_perm)
+        g = g.reshape(permuted)
+        return jnp.transpose(g, tuple(np.argsort(self.w_perm)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Unit:
+    """One site feeding one hidden group: the thing an algorithm keeps traces for.
+
+    **Attributes:**
+
+    - `name`: `"<site name> -> <group name>"`, the key of its traces.
+    - `site`: the `Site`.
+    - `group`: the `Group`.
+    - `nmap`: integer array of shape `(B, Fw, Fx)`: the neuron of the group that each
+        canonical output feeds (outputs that feed another group map to 0 and have a
+        zero `Df`).
+    """
+
+    name: str
+    site: Site
+    group: Group
+    nmap: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return self.group.k
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """`(B, Fw, Fx, C)`."""
+        s = self.site
+        return (s.b, s.fw, s.fx, s.c)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Graph:
+    """What the compiler found in a model's step.
+
+    **Attributes:**
+
+    - `groups`: the hidden groups, in state-leaf order.
+    - `units`: the traced (site, group) pairs, grouped by group in that order.
+    """
+
+    groups: tuple[Group, ...]
+    units: tuple[Unit, ...]
+
+    def subgraph(self, group: Group) -> Graph:
+        """The graph restricted to one hidden group."""
+        return Graph((group,), tuple(u for u in self.units if u.group is group))
+
+    def unit_bytes(self, unit: Unit, per_element: int) -> int:
+        return math.prod(unit.shape) * unit.k * per_element

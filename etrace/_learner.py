@@ -1,0 +1,393 @@
+"""`etrace.compile`, the `Learner` it returns, and the `TraceState` it threads."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Int, PyTree
+
+from ._algorithm.base import AbstractAlgorithm
+from ._algorithm.d_rtrl import D_RTRL
+from ._compiler import Compiled, _Leaf, analyse, initial_state, split_model
+from ._errors import EtraceError
+from ._graph import Graph
+from ._runtime import run_step
+
+
+class TraceState(eqx.Module):
+    """Everything that changes from one step to the next, besides the model.
+
+    **Attributes:**
+
+    - `state`: the model's hidden state, in the structure the model uses (an
+        `eqx.nn.State` or any pytree).
+    - `traces`: the algorithm's traces, keyed by unit name (see `Learner.summary`).
+    - `t`: the step counter (`int32`), counting steps since `init` or `reset`.
+
+    With `Learner.init(batch_size=B)` every leaf, `t` included, has a leading batch
+    axis. A `TraceState` round-trips through `eqx.tree_serialise_leaves`.
+    """
+
+    state: PyTree[Array]
+    traces: dict[str, PyTree[Array]]
+    t: Int[Array, "*batch"]
+
+
+def _clone(tree: Any) -> Any:
+    leaves, treedef = jtu.tree_flatten(tree)
+    return jtu.tree_unflatten(treedef, [jnp.array(x) for x in leaves])
+
+
+def _desc(a: Any) -> str:
+    return f"{jnp.dtype(a.dtype).name}{list(a.shape)}"
+
+
+def _check_leaves(what: str, names, expected, got, hint: str) -> None:
+    for name, e, g in zip(names, expected, got):
+        if tuple(e.shape) != tuple(jnp.shape(g)) or jnp.dtype(e.dtype) != jnp.result_type(
+            g
+        ):
+            raise EtraceError(
+                f"{what} `{name}` is {_desc(jnp.asarray(g))}, but the learner was "
+                f"compiled for {_desc(e)}. {hint}"
+            )
+
+
+_X_HINT = (
+    "`step` takes one unbatched time step shaped like `sample_input`; for a batch "
+    "use `jax.vmap(learner.step, in_axes=(None, 0, 0))` with "
+    "`learner.init(batch_size=...)`, and keep the dtype of the sample."
+)
+
+
+class Learner(eqx.Module):
+    """Runs a model one step at a time while carrying eligibility traces.
+
+    Built by `etrace.compile`. It holds the algorithm, the analysed step (static) and
+    the model's initial hidden state, but no parameters: pass the current model to
+    every call, so one learner serves the model throughout training.
+
+    Differentiating any loss of `step`'s output with respect to the model gives the
+    algorithm's online gradient for that step (see `step`).
+    """
+
+    algorithm: AbstractAlgorithm
+    compiled: Compiled = eqx.field(static=True)
+    init_state: PyTree[Array]
+
+    @property
+    def graph(self) -> Graph:
+        """The hidden groups and traced units the compiler found."""
+        return self.compiled.graph
+
+    def step(self, model: Any, trace_state: TraceState, x: PyTree[Array]):
+        """Runs the model for one step and advances hidden state and traces.
+
+        **Arguments:**
+
+        - `model`: the current model (same structure as the compiled one).
+        - `trace_state`: the `TraceState` from the previous step (or `init`).
+        - `x`: one unbatched time step, shaped like `sample_input`.
+
+        **Returns:**
+
+        `(y, trace_state)`: the model's output and the next trace state. The gradient
+        of any loss of `y` with respect to `model` is the algorithm's online gradient
+        for this step: traced parameters get it from the traces, parameters that
+        reach no hidden state (a readout) get this step's ordinary gradient.
+
+        **Raises:**
+
+        `EtraceError` if the model, the input or the trace state do not match what
+        was compiled.
+        """
+        c = self.compiled
+        dyn, treedef, static = split_model(model)
+        if treedef != c.layout.treedef or not _static_equal(static, c.layout.static):
+            raise EtraceError(_structure_message(model, c))
+        _check_leaves(
+            "Model array",
+            c.layout.paths,
+            c.layout.avals,
+            dyn,
+            "Pass a model of the same structure, shapes and dtypes as the compiled one, "
+            "or compile again.",
+        )
+        x_leaves, x_def = jtu.tree_flatten(x)
+        if x_def != c.x_def:
+            raise EtraceError(
+                f"The input has structure {x_def}, but the learner was compiled for "
+                f"{c.x_def}. Pass inputs shaped like `sample_input`."
+            )
+        _check_leaves(
+            "Input",
+            [f"x{jtu.keystr(p)}" for p, _ in jtu.tree_flatten_with_path(x)[0]],
+            c.x_avals,
+            x_leaves,
+            _X_HINT,
+        )
+        state_leaves, state_def = jtu.tree_flatten(trace_state.state)
+        if state_def != c.state_def:
+            raise EtraceError(
+                "`trace_state.state` does not have the structure of the compiled "
+                "model's state. Use the trace state returned by this learner's "
+                "`compile`, `init` or `step`."
+            )
+        _check_leaves(
+            "State leaf",
+            c.state_names,
+            c.state_avals,
+            state_leaves,
+            "Use the trace state from this learner's `init` (vmap `step` for a batch).",
+        )
+        y, new_state, traces = run_step(
+            c,
+            self.algorithm,
+            dyn,
+            [jnp.asarray(s) for s in state_leaves],
+            [jnp.asarray(v) for v in x_leaves],
+            trace_state.traces,
+        )
+        new = TraceState(
+            state=jtu.tree_unflatten(c.state_def, new_state),
+            traces=traces,
+            t=trace_state.t + 1,
+        )
+        return jtu.tree_unflatten(c.y_def, y), new
+
+    def init(self, batch_size: int | None = None) -> TraceState:
+        """A fresh trace state: the initial hidden state and zero traces.
+
+        **Arguments:**
+
+        - `batch_size`: if given, every leaf gets a leading axis of this size, ready
+            for `jax.vmap(learner.step, in_axes=(None, 0, 0))`.
+
+        **Returns:**
+
+        A `TraceState` with `t = 0`.
+        """
+        ts = TraceState(
+            state=_clone(self.init_state),
+            traces=self.algorithm.init(self.graph),
+            t=jnp.zeros((), jnp.int32),
+        )
+        if batch_size is None:
+            return ts
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
+            batch_size < 1
+        ):
+            raise EtraceError(
+                f"`batch_size` must be a positive int or None, got {batch_size!r}."
+            )
+        return jtu.tree_map(
+            lambda a: jnp.broadcast_to(a, (batch_size,) + jnp.shape(a)), ts
+        )
+
+    def reset(self, trace_state: TraceState) -> TraceState:
+        """Zero traces and step counter, and the initial hidden state, keeping shapes.
+
+        Use it between independent sequences.
+        """
+        t = jnp.asarray(trace_state.t)
+        if t.ndim == 0:
+            return self.init()
+        return self.init(batch_size=int(t.shape[0]))
+
+    def trace_of(
+        self, trace_state: TraceState, where: Callable[[Any], Any]
+    ) -> dict[str, Any]:
+        """The traces of one parameter.
+
+        **Arguments:**
+
+        - `trace_state`: a trace state of this learner.
+        - `where`: a function selecting the parameter from the model, as for
+            `eqx.tree_at`, e.g. `lambda m: m.cell.weight_hh`.
+
+        **Returns:**
+
+        A dictionary from hidden group name to the trace of the unit through which
+        the parameter feeds that group (a tuple if several do). The layout is the
+        algorithm's; for `D_RTRL` it is `(B, Fw, Fx, C, K)` in canonical form.
+
+        **Raises:**
+
+        `EtraceError` if `where` does not select a parameter, or the parameter has no
+        trace.
+        """
+        c = self.compiled
+        try:
+            leaf = where(c.skeleton)
+        except Exception as err:
+            raise EtraceError(
+                f"`where` could not be applied to the model structure: {err!r}. Pass "
+                "a function such as `lambda m: m.cell.weight_hh`."
+            ) from None
+        if not isinstance(leaf, _Leaf):
+            raise EtraceError(
+                "`where` must select one array of the model (e.g. `lambda m: "
+                f"m.cell.weight_hh`), but it selected {type(leaf).__name__}."
+            )
+        path = c.layout.paths[leaf.index]
+        out: dict[str, list[Any]] = {}
+        for u in self.graph.units:
+            if leaf.index in u.site.params:
+                out.setdefault(u.group.name, []).append(trace_state.traces[u.name])
+        if not out:
+            role, why = c.roles[leaf.index]
+            raise EtraceError(
+                f"Parameter `{path}` has no trace: its role is {role!r} ({why})."
+            )
+        return {g: v[0] if len(v) == 1 else tuple(v) for g, v in out.items()}
+
+    def summary(self) -> str:
+        """A table of every parameter's role, trace shape and memory, and the groups."""
+        c = self.compiled
+        itemsize = {}
+        lines = [f"etrace.Learner with {type(self.algorithm).__name__}", ""]
+        lines.append("Hidden groups:")
+        if not self.graph.groups:
+            lines.append("  (none: no parameter reaches the hidden state)")
+        for g in self.graph.groups:
+            lines.append(
+                f"  {g.name}: N={g.n} neurons, K={g.k} state(s) "
+                f"[{', '.join(g.leaf_names)}]"
+            )
+        traces = jax.eval_shape(lambda: self.algorithm.init(self.graph))
+        for name, tr in traces.items():
+            itemsize[name] = sum(
+                math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+                for x in jtu.tree_leaves(tr)
+            )
+        lines.append("")
+        lines.append("Parameters:")
+        rows = []
+        for k, path in enumerate(c.layout.paths):
+            role, why = c.roles[k]
+            units = [u for u in self.graph.units if k in u.site.params]
+            shapes = []
+            nbytes = 0
+            for u in units:
+                shapes.append(
+                    "/".join(
+                        str(tuple(x.shape)) for x in jtu.tree_leaves(traces[u.name])
+                    )
+                )
+                nbytes += itemsize[u.name]
+            rows.append(
+                (
+                    path,
+                    str(tuple(c.layout.avals[k].shape)),
+                    role,
+                    ", ".join(shapes) or "-",
+                    _bytes(nbytes) if units else "-",
+                    why,
+                )
+            )
+        head = ("parameter", "shape", "role", "trace shape", "bytes/example", "why")
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+        for r in [head] + rows:
+            lines.append(
+                "  " + "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()
+            )
+        total = sum(itemsize.values())
+        lines.append("")
+        lines.append(f"Trace memory per example: {_bytes(total)}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _static_equal(a: Any, b: Any) -> bool:
+    try:
+        return eqx.tree_equal(a, b) is True
+    except Exception:
+        return False
+
+
+def _structure_message(model: Any, c: Compiled) -> str:
+    dynamic, _ = eqx.partition(model, eqx.is_array)
+    paths = [jtu.keystr(p) for p, _ in jtu.tree_flatten_with_path(dynamic)[0]]
+    paths = [p[1:] if p.startswith(".") else p for p in paths]
+    detail = ""
+    for a, b in zip(paths, c.layout.paths):
+        if a != b:
+            detail = f" The first difference is at `{b}` (got `{a}`)."
+            break
+    else:
+        if len(paths) != len(c.layout.paths):
+            detail = (
+                f" It has {len(paths)} arrays instead of {len(c.layout.paths)}."
+            )
+        else:
+            detail = " Its non-array fields (e.g. activation functions) differ."
+    return (
+        "The model passed to `step` has a different structure from the compiled "
+        f"one.{detail} Pass a model of the same structure (updated parameters are "
+        "fine), or compile the new model with `etrace.compile`."
+    )
+
+
+def compile(
+    model: Any,
+    sample_input: PyTree[Array],
+    *,
+    algorithm: AbstractAlgorithm | None = None,
+    state: PyTree[Array] | None = None,
+) -> tuple[Learner, TraceState]:
+    """Analyses a model's step once and returns a learner and zero traces.
+
+    **Arguments:**
+
+    - `model`: any callable pytree (usually an `eqx.Module`) called as
+        `model(x, state) -> (y, new_state)`. Stock Equinox layers work unchanged.
+    - `sample_input`: one unbatched time step (any pytree of arrays).
+    - `algorithm`: the online algorithm; defaults to `etrace.D_RTRL()`.
+    - `state`: the initial hidden state. Defaults to `eqx.nn.State(model)`; required
+        for a model built with `eqx.nn.make_with_state`, or when the state is a plain
+        pytree.
+
+    **Returns:**
+
+    `(learner, trace_state)`: the `Learner` and its initial `TraceState`.
+
+    **Raises:**
+
+    `EtraceError` if the model cannot be learned online as written (the message names
+    the primitive or state at fault and what to do).
+
+    !!! Example
+
+        ```python
+        learner, trace_state = etrace.compile(model, x0, state=state)
+        y, trace_state = learner.step(model, trace_state, x)
+        ```
+    """
+    if algorithm is None:
+        algorithm = D_RTRL()
+    if not isinstance(algorithm, AbstractAlgorithm):
+        raise EtraceError(
+            "`algorithm` must be an `etrace.AbstractAlgorithm` such as "
+            f"`etrace.D_RTRL()`, got {type(algorithm).__name__}. If it is a class, "
+            "instantiate it."
+        )
+    state = initial_state(model, state)
+    compiled = analyse(model, sample_input, state)
+    learner = Learner(algorithm, compiled, _clone(state))
+    return learner, learner.init()

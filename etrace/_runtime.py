@@ -1,0 +1,277 @@
+"""Evaluating one step of an analysed model: values, Jacobians, traces and hooks.
+
+Each equation reads one of several versions of its operands:
+
+* in the tail (the recurrent update), weight outputs and element-wise parameter values
+  are under `stop_gradient`, so autodiff through the tail reaches only the inputs of
+  weight ops (the same-step paths into earlier layers), never the traced parameters;
+* outside the tail, a new hidden state is read through its group's *hook*: a
+  `custom_vjp` identity whose backward pass turns the cotangent `dL/dh` into parameter
+  gradients with the algorithm's read-out. Readers that feed back into the same
+  group's update read the un-hooked (live) value instead;
+* a value from inside the tail read outside it (other than the new state) is
+  recomputed with live parameters: a one-step gradient, which the compiler warns about.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from . import _ir
+from ._compiler import Compiled
+from ._graph import Graph, Group
+
+
+class Jacobians(eqx.Module):
+    """The per-step quantities an algorithm's `update` and `gradients` receive.
+
+    **Attributes:**
+
+    - `D`: per hidden group name, `D[n, k, k']` = d h_k^t[n] / d h_{k'}^{t-1}[n] with
+        weight outputs held fixed, shape `(N, K, K)`.
+    - `Df`: per unit name, `Df[b, w, f, k]` = d h_k^t[n(b,w,f)] / d y^t[b, w, f],
+        shape `(B, Fw, Fx, K)`.
+    - `x`: per unit name, the weight op's input in canonical form `(B, Fx, C)`.
+    """
+
+    D: dict[str, Any]
+    Df: dict[str, Any]
+    x: dict[str, Any]
+
+
+def _flat(a: Any) -> Any:
+    return jnp.reshape(a, (-1,))
+
+
+def group_jacobians(
+    compiled: Compiled,
+    g: int,
+    prev: list[Any],
+    site_vals: list[Any],
+    fixed: dict[int, Any],
+) -> tuple[Any, list[Any]]:
+    """`D` and each site's `Df` for hidden group `g`, from one linearisation."""
+    program = compiled.program
+    group = compiled.graph.groups[g]
+    units = [u for u in compiled.graph.units if u.group is group]
+    state_vars = compiled.state_vars
+    sinks = compiled.sinks[g]
+
+    def tail(hs, ys):
+        env = dict(fixed)
+        for j, h in zip(group.leaves, hs):
+            env[state_vars[j]] = h
+        for u, y in zip(units, ys):
+            env[u.site.out] = y
+        _ir.evaluate(program, compiled.group_tail[g], env)
+        return [s.val if isinstance(s, _ir.Lit) else env[s] for s in sinks]
+
+    hs = [jnp.asarray(h) for h in prev]
+    _, lin = jax.linearize(tail, hs, site_vals)
+    k = group.k
+    eye = jnp.eye(k, dtype=group.dtype)
+    tangents = [
+        jnp.broadcast_to(eye[:, i].reshape((k,) + (1,) * h.ndim), (k,) + h.shape)
+        for i, h in enumerate(hs)
+    ]
+    zero_ys = [jnp.zeros((k,) + jnp.shape(y), jnp.result_type(y)) for y in site_vals]
+    outs = jax.vmap(lin)(tangents, zero_ys)  # outs[k_out] has shape (k_in, ...)
+    D = jnp.stack([jnp.reshape(o, (k, -1)).T for o in outs], axis=1)
+    transpose = jax.linear_transpose(lin, hs, site_vals)
+    cots = [
+        jnp.broadcast_to(eye[:, i].reshape((k,) + (1,) * h.ndim), (k,) + h.shape)
+        for i, h in enumerate(hs)
+    ]
+    _, dys = jax.vmap(transpose)(cots)
+    Df = [
+        jnp.moveaxis(
+            jax.vmap(u.site.canonical_y)(dy).astype(u.site.dtype), 0, -1
+        )
+        for u, dy in zip(units, dys)
+    ]
+    return D, Df
+
+
+def _make_hook(algorithm: Any, sub: Graph, group: Group, dtypes: list[Any]):
+    @jax.custom_vjp
+    def hook(leaves, weights, traces, jac):
+        del weights, traces, jac
+        return leaves
+
+    def fwd(leaves, weights, traces, jac):
+        del weights
+        return leaves, (traces, jac)
+
+    def bwd(res, cot):
+        traces, jac = res
+        signal = jnp.stack([_flat(c) for c in cot], axis=-1)
+        grads = algorithm.gradients(sub, traces, {group.name: signal}, jac)
+        weight_cots = [
+            u.site.weight_from_canonical(grads[u.name]).astype(dt)
+            for u, dt in zip(sub.units, dtypes)
+        ]
+        return cot, weight_cots, None, None
+
+    hook.defvjp(fwd, bwd)
+    return hook
+
+
+def run_step(
+    compiled: Compiled,
+    algorithm: Any,
+    dyn_leaves: list[Any],
+    state_leaves: list[Any],
+    x_leaves: list[Any],
+    traces: dict[str, Any],
+) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Evaluates one step; returns output leaves, new state leaves and new traces."""
+    program = compiled.program
+    eqns = program.eqns
+    n_eqns = len(eqns)
+    main: dict[int, Any] = dict(program.consts)
+    main.update(zip(program.invars, list(dyn_leaves) + state_leaves + x_leaves))
+    tail: dict[int, Any] = {}
+    live: dict[int, Any] = {}
+    hooked: dict[int, Any] = {}
+    new_traces = dict(traces)
+    sg = jax.lax.stop_gradient
+
+    def cut_operands(i: int, stop: bool) -> list[Any]:
+        site = compiled.cut_sites[i]
+        wpos = _weight_pos(eqns[i], site)
+        args = []
+        for pos, a in enumerate(eqns[i].ins):
+            if pos == wpos:
+                args.append(sg(main[a]) if stop else main[a])
+            else:
+                args.append(read_main(i, pos, a))
+        return args
+
+    def site_value(v: int, stop: bool) -> Any:
+        cache = tail if stop else live
+        if v not in cache:
+            site = compiled.site_of_out[v]
+            if site.kind == "elementwise":
+                cache[v] = sg(main[v]) if stop else main[v]
+            else:
+                assert site.eqn is not None
+                (cache[v],) = _ir.bind(eqns[site.eqn], *cut_operands(site.eqn, stop))
+        return cache[v]
+
+    def read_tail(v: _ir.Operand) -> Any:
+        if isinstance(v, _ir.Lit):
+            return v.val
+        if v in compiled.site_of_out:
+            return site_value(v, stop=True)
+        if v in tail:
+            return tail[v]
+        return main[v]
+
+    def read_live(v: _ir.Operand) -> Any:
+        if isinstance(v, _ir.Lit):
+            return v.val
+        if v in compiled.site_of_out:
+            return site_value(v, stop=False)
+        p = program.producer.get(v)
+        if p is None or p not in compiled.tail:
+            return main[v]
+        if v not in live:
+            outs = _ir.bind(eqns[p], *(read_live(a) for a in eqns[p].ins))
+            live.update(zip(eqns[p].outs, outs))
+        return live[v]
+
+    def read_by_mode(mode: str, v: _ir.Operand) -> Any:
+        if mode == "hooked":
+            return hooked[v]  # pyright: ignore
+        if mode == "live":
+            return read_live(v)
+        return v.val if isinstance(v, _ir.Lit) else main[v]
+
+    def read_main(i: int, pos: int, v: _ir.Operand) -> Any:
+        return read_by_mode(compiled.modes.get((i, pos), "plain"), v)
+
+    def run_hook(g: int) -> None:
+        group = compiled.graph.groups[g]
+        sub = compiled.graph.subgraph(group)
+        units = sub.units
+        sinks = compiled.sinks[g]
+        new_vals = [read_tail(s) for s in sinks]
+        prev = [sg(main[compiled.state_vars[j]]) for j in group.leaves]
+        site_vals = [sg(site_value(u.site.out, stop=True)) for u in units]
+        fixed: dict[int, Any] = {}
+        for i in compiled.group_tail[g]:
+            for a in eqns[i].ins:
+                if isinstance(a, int) and a not in fixed:
+                    if program.producer.get(a) in compiled.group_tail[g]:
+                        continue
+                    if a in compiled.site_of_out:
+                        continue
+                    fixed[a] = sg(read_tail(a))
+        D, Df = group_jacobians(compiled, g, prev, site_vals, fixed)
+        xs = {}
+        for u in units:
+            site = u.site
+            if site.kind == "matrix":
+                assert site.eqn is not None
+                pos = 1 - _weight_pos(eqns[site.eqn], site)
+                x = sg(read_main(site.eqn, pos, eqns[site.eqn].ins[pos]))
+                xs[u.name] = site.canonical_x(x)
+            else:
+                xs[u.name] = site.canonical_x(None)
+        jac = Jacobians(
+            D={group.name: D},
+            Df={u.name: d for u, d in zip(units, Df)},
+            x=xs,
+        )
+        mine = {u.name: traces[u.name] for u in units}
+        updated = algorithm.update(sub, mine, jac)
+        updated = jtu.tree_map(sg, updated)
+        new_traces.update(updated)
+        weights = [main[u.site.weight] for u in units]
+        hook = _make_hook(
+            algorithm, sub, group, [jnp.result_type(w) for w in weights]
+        )
+        out = hook(new_vals, weights, updated, jtu.tree_map(sg, jac))
+        for s, val in zip(sinks, out):
+            if isinstance(s, int):
+                hooked[s] = val
+
+    for node in compiled.order:
+        if node >= n_eqns:
+            run_hook(node - n_eqns)
+            continue
+        if node in compiled.cut_sites:
+            continue  # evaluated on demand, with or without stop_gradient
+        eqn = eqns[node]
+        if node in compiled.tail:
+            outs = _ir.bind(eqn, *(read_tail(a) for a in eqn.ins))
+            tail.update(zip(eqn.outs, outs))
+        else:
+            outs = _ir.bind(
+                eqn, *(read_main(node, pos, a) for pos, a in enumerate(eqn.ins))
+            )
+            main.update(zip(eqn.outs, outs))
+
+    n_y = compiled.n_y
+    y = [
+        read_by_mode(m, v) for m, v in zip(compiled.out_modes, program.outvars[:n_y])
+    ]
+    new_state = []
+    for v, aval in zip(program.outvars[n_y:], compiled.state_avals):
+        val = read_tail(v) if isinstance(v, int) else jnp.asarray(v.val, aval.dtype)
+        new_state.append(sg(jnp.broadcast_to(val, aval.shape)))
+    return y, new_state, new_traces
+
+
+def _weight_pos(eqn: _ir.Eqn, site: Any) -> int:
+    ins = eqn.ins
+    if ins[0] == site.weight and ins[1] != site.weight:
+        return 0
+    if ins[1] == site.weight and ins[0] != site.weight:
+        return 1
+    return 0 if site.x == ins[1] else 1

@@ -1,0 +1,250 @@
+"""Whole sequences: `online_grad`, the BPTT oracle `bptt_grad`, and `compare`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Float, PyTree
+
+from ._errors import EtraceError
+from ._learner import Learner, TraceState
+
+
+def _length(xs: Any, targets: Any, mask: Any) -> int:
+    lengths = {jnp.shape(a)[0] for a in jtu.tree_leaves((xs, targets)) if jnp.ndim(a)}
+    if any(jnp.ndim(a) == 0 for a in jtu.tree_leaves((xs, targets))):
+        raise EtraceError(
+            "`xs` and `targets` need a leading time axis; got a scalar leaf."
+        )
+    if len(lengths) != 1:
+        raise EtraceError(
+            "Every leaf of `xs` and `targets` must have the same length on axis 0 "
+            f"(time); got lengths {sorted(lengths)}."
+        )
+    (length,) = lengths
+    if mask is not None and jnp.shape(mask) != (length,):
+        raise EtraceError(
+            f"`mask` must have shape ({length},), one weight per time step, got "
+            f"{jnp.shape(mask)}."
+        )
+    return length
+
+
+def _batch_size(tree: Any, axis: int, what: str) -> int:
+    sizes = {jnp.shape(a)[axis] for a in jtu.tree_leaves(tree) if jnp.ndim(a) > axis}
+    if len(sizes) != 1:
+        raise EtraceError(
+            f"With a batched trace state, every leaf of `{what}` needs the batch on "
+            f"axis {axis}; got sizes {sorted(sizes)} there."
+        )
+    return sizes.pop()
+
+
+def _zeros_like_grads(model: Any) -> Any:
+    return jtu.tree_map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
+
+
+def online_grad(
+    learner: Learner,
+    loss_fn: Callable[[Any, Any], Any],
+    model: Any,
+    trace_state: TraceState,
+    xs: PyTree[Array],
+    targets: PyTree[Array],
+    *,
+    mask: Float[Array, " T"] | None = None,
+) -> tuple[Any, TraceState, Float[Array, " T"]]:
+    """The online gradient of a whole sequence, with memory independent of its length.
+
+    Scans over time; at each step runs `learner.step`, takes the gradient of that
+    step's loss with respect to the model, and adds it to the running sum.
+
+    **Arguments:**
+
+    - `learner`: from `etrace.compile`.
+    - `loss_fn`: `loss_fn(y, target) -> scalar`, the loss of one step of one example.
+    - `model`: the model (held fixed over the sequence).
+    - `trace_state`: where to start. If batched (from `learner.init(batch_size=B)`),
+        `xs` and `targets` carry the batch on axis 1 and each step's loss is the mean
+        over the batch.
+    - `xs`, `targets`: pytrees with time on axis 0.
+    - `mask`: optional weights of shape `(T,)`; step `t`'s loss is multiplied by
+        `mask[t]` (0 advances state and traces only, e.g. during a warm-up).
+
+    **Returns:**
+
+    `(grads, trace_state, losses)`: the summed gradients (model-shaped, `None` for
+    non-float leaves), the trace state after the last step, and the unweighted loss
+    of each step, shape `(T,)`.
+    """
+    length = _length(xs, targets, mask)
+    mask = jnp.ones(length) if mask is None else jnp.asarray(mask)
+    batched = jnp.ndim(trace_state.t) == 1
+    if batched:
+        size = int(jnp.shape(trace_state.t)[0])
+        for what, tree in (("xs", xs), ("targets", targets)):
+            if _batch_size(tree, 1, what) != size:
+                raise EtraceError(
+                    f"The trace state has batch size {size}, but `{what}` has "
+                    f"{_batch_size(tree, 1, what)} on axis 1."
+                )
+        step = jax.vmap(learner.step, in_axes=(None, 0, 0))
+
+        def loss_of_step(y, target):
+            return jnp.mean(jax.vmap(loss_fn)(y, target))
+
+    else:
+        step = learner.step
+        loss_of_step = loss_fn
+
+    def step_loss(model, ts, x, target, weight):
+        y, ts = step(model, ts, x)
+        loss = loss_of_step(y, target)
+        return loss * weight, (ts, loss)
+
+    grad_fn = eqx.filter_value_and_grad(step_loss, has_aux=True)
+
+    def body(carry, inputs):
+        ts, total = carry
+        x, target, weight = inputs
+        (_, (ts, loss)), grads = grad_fn(model, ts, x, target, weight)
+        total = jtu.tree_map(jnp.add, total, grads)
+        return (ts, total), loss
+
+    init = (trace_state, _zeros_like_grads(model))
+    (trace_state, grads), losses = jax.lax.scan(body, init, (xs, targets, mask))
+    return grads, trace_state, losses
+
+
+def bptt_grad(
+    loss_fn: Callable[[Any, Any], Any],
+    model: Any,
+    state: PyTree[Array],
+    xs: PyTree[Array],
+    targets: PyTree[Array],
+    *,
+    mask: Float[Array, " T"] | None = None,
+    batched: bool = False,
+) -> tuple[Any, Float[Array, " T"]]:
+    """The exact gradient of a whole sequence by back-propagation through time.
+
+    The oracle that online gradients are compared with: the same loss as
+    `online_grad` (sum over steps of `mask[t] * loss_fn(y_t, target_t)`), with the
+    model held fixed over the sequence.
+
+    **Arguments:**
+
+    - `loss_fn`, `xs`, `targets`, `mask`: as for `online_grad`.
+    - `model`: the model, `model(x, state) -> (y, state)`.
+    - `state`: the initial hidden state (e.g. `trace_state.state`). The caller's
+        `eqx.nn.State` is not invalidated.
+    - `batched`: if `True`, every leaf of `state` has a leading batch axis, `xs` and
+        `targets` carry the batch on axis 1, and each step's loss is the batch mean.
+
+    **Returns:**
+
+    `(grads, losses)`: model-shaped gradients and each step's unweighted loss.
+    """
+    length = _length(xs, targets, mask)
+    mask = jnp.ones(length) if mask is None else jnp.asarray(mask)
+    leaves, treedef = jtu.tree_flatten(state)
+
+    def total(model):
+        def body(s, inputs):
+            x, target, weight = inputs
+            if batched:
+                y, s = jax.vmap(model)(x, s)
+                loss = jnp.mean(jax.vmap(loss_fn)(y, target))
+            else:
+                y, s = model(x, s)
+                loss = loss_fn(y, target)
+            return s, (loss * weight, loss)
+
+        s0 = jtu.tree_unflatten(treedef, leaves)
+        _, (weighted, losses) = jax.lax.scan(body, s0, (xs, targets, mask))
+        return jnp.sum(weighted), losses
+
+    (_, losses), grads = eqx.filter_value_and_grad(total, has_aux=True)(model)
+    return grads, losses
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Per-parameter agreement of an online gradient with BPTT.
+
+    **Attributes:**
+
+    - `rows`: per parameter path, `(relative_error, cosine_similarity, norm_online,
+        norm_bptt)`; relative error is `|g - g_bptt| / |g_bptt|`.
+    - `online`, `bptt`: the two gradient pytrees.
+    """
+
+    rows: dict[str, tuple[float, float, float, float]]
+    online: Any
+    bptt: Any
+
+    def __str__(self) -> str:
+        head = ("parameter", "rel. error", "cosine", "|online|", "|bptt|")
+        body = [
+            (p, f"{e:.3e}", f"{c:.6f}", f"{a:.3e}", f"{b:.3e}")
+            for p, (e, c, a, b) in self.rows.items()
+        ]
+        widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+        return "\n".join(
+            "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()
+            for r in [head] + body
+        )
+
+
+def gradient_table(online: Any, bptt: Any) -> dict[str, tuple[float, ...]]:
+    """Relative error and cosine similarity for each leaf of two gradient pytrees."""
+    rows = {}
+    pairs = jtu.tree_flatten_with_path(online)[0]
+    other = jtu.tree_leaves(bptt)
+    for (path, a), b in zip(pairs, other):
+        a = jnp.ravel(jnp.asarray(a))
+        b = jnp.ravel(jnp.asarray(b))
+        na = float(jnp.linalg.norm(a))
+        nb = float(jnp.linalg.norm(b))
+        err = float(jnp.linalg.norm(a - b)) / nb if nb > 0 else float(na > 0)
+        cos = float(jnp.dot(a, b)) / (na * nb) if na > 0 and nb > 0 else float(
+            na == nb
+        )
+        key = jtu.keystr(path)
+        rows[key[1:] if key.startswith(".") else key] = (err, cos, na, nb)
+    return rows
+
+
+def compare(
+    learner: Learner,
+    loss_fn: Callable[[Any, Any], Any],
+    model: Any,
+    trace_state: TraceState,
+    xs: PyTree[Array],
+    targets: PyTree[Array],
+    *,
+    mask: Float[Array, " T"] | None = None,
+) -> Comparison:
+    """Compares the online gradient of a sequence with BPTT, per parameter.
+
+    Runs `online_grad` from `trace_state` and `bptt_grad` from `trace_state.state`
+    on the same data. `print(result)` shows a table.
+
+    **Returns:**
+
+    A `Comparison` with relative error and cosine similarity per parameter.
+    """
+    online, _, _ = online_grad(
+        learner, loss_fn, model, trace_state, xs, targets, mask=mask
+    )
+    batched = jnp.ndim(trace_state.t) == 1
+    exact, _ = bptt_grad(
+        loss_fn, model, trace_state.state, xs, targets, mask=mask, batched=batched
+    )
+    return Comparison(gradient_table(online, exact), online, exact)
