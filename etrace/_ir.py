@@ -25,7 +25,7 @@ _INLINE = frozenset(
 )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Lit:
     """A literal operand."""
 

@@ -57,7 +57,8 @@ def describe(eqn: _ir.Eqn) -> str:
     name = eqn.name
     if eqn.name in CALLS and "name" in eqn.params:
         name = f"{eqn.name}[{eqn.params['name']}]"
-    return f"`{name}` (at {eqn.source})"
+    where = f" (at {eqn.source})" if eqn.source.strip() else ""
+    return f"`{name}`{where}"
 
 
 def _call_body(eqn: _ir.Eqn) -> Any:

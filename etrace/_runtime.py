@@ -55,7 +55,7 @@ def group_jacobians(
     site_vals: list[Any],
     fixed: dict[int, Any],
 ) -> tuple[Any, list[Any]]:
-    """`D` and each site's `Df` for hidden group `g`, from one linearisation."""
+    """`D` and each site's `Df` for hidden group `g`, from one pullback."""
     program = compiled.program
     group = compiled.graph.groups[g]
     units = [u for u in compiled.graph.units if u.group is group]
@@ -72,22 +72,18 @@ def group_jacobians(
         return [s.val if isinstance(s, _ir.Lit) else env[s] for s in sinks]
 
     hs = [jnp.asarray(h) for h in prev]
-    _, lin = jax.linearize(tail, hs, site_vals)
+    # Reverse mode only: surrogate spike functions are often `custom_vjp`, which
+    # cannot be differentiated forwards. The tail is neuron-local, so one cotangent
+    # of ones per state gives both diagonals exactly.
+    _, pullback = jax.vjp(tail, hs, site_vals)
     k = group.k
     eye = jnp.eye(k, dtype=group.dtype)
-    tangents = [
-        jnp.broadcast_to(eye[:, i].reshape((k,) + (1,) * h.ndim), (k,) + h.shape)
-        for i, h in enumerate(hs)
-    ]
-    zero_ys = [jnp.zeros((k,) + jnp.shape(y), jnp.result_type(y)) for y in site_vals]
-    outs = jax.vmap(lin)(tangents, zero_ys)  # outs[k_out] has shape (k_in, ...)
-    D = jnp.stack([jnp.reshape(o, (k, -1)).T for o in outs], axis=1)
-    transpose = jax.linear_transpose(lin, hs, site_vals)
     cots = [
         jnp.broadcast_to(eye[:, i].reshape((k,) + (1,) * h.ndim), (k,) + h.shape)
         for i, h in enumerate(hs)
     ]
-    _, dys = jax.vmap(transpose)(cots)
+    dhs, dys = jax.vmap(pullback)(cots)  # dhs[k_in] has shape (k_out, ...)
+    D = jnp.stack([jnp.reshape(d, (k, -1)).T for d in dhs], axis=-1)
     Df = [
         jnp.moveaxis(
             jax.vmap(u.site.canonical_y)(dy).astype(u.site.dtype), 0, -1
