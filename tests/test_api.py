@@ -1,0 +1,298 @@
+"""The learner API: jit, vmap, grad, scan, serialisation, state handling."""
+
+import io
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import pytest
+
+import etrace
+
+from .helpers import (
+    ALIFNet,
+    build,
+    data,
+    f64,
+    GRUNet,
+    leaf_errors,
+    LIFNet,
+    LSTMNet,
+    mse,
+    per_step_grads,
+    tree_allclose,
+)
+
+
+FAMILIES = [GRUNet, LSTMNet, ALIFNet]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_online_grad_equals_loop_of_step_gradients(family):
+    model, state = build(family, 3, 4, 2, seed=1)
+    xs, ys = data(1, 6, 3, 2)
+    learner, ts = etrace.compile(model, xs[0], state=state)
+    scanned, ts_scan, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+    looped, ts_loop = per_step_grads(learner, mse, model, ts, xs, ys)
+    assert tree_allclose(scanned, looped)
+    assert tree_allclose(ts_scan, ts_loop)
+    # ... and the traces matter: resetting them every step changes the result.
+    truncated, _ = per_step_grads(learner, mse, model, ts, xs, ys, reset_traces=True)
+    assert not tree_allclose(scanned, truncated, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vmap_equals_per_example_loop(family):
+    batch = 3
+    model, state = build(family, 3, 4, 2, seed=2)
+    xs, ys = data(2, 5, 3, 2, batch=batch)
+    learner, _ = etrace.compile(model, xs[0, 0], state=state)
+    grads, ts_b, losses = etrace.online_grad(
+        learner, mse, model, learner.init(batch_size=batch), xs, ys
+    )
+    total = None
+    for b in range(batch):
+        g, ts, _ = etrace.online_grad(learner, mse, model, learner.init(), xs[:, b], ys[:, b])
+        total = g if total is None else jtu.tree_map(jnp.add, total, g)
+        assert tree_allclose(jtu.tree_map(lambda a: a[b], ts_b), ts)
+    assert tree_allclose(grads, jtu.tree_map(lambda a: a / batch, total))
+    assert losses.shape == (5,)
+
+
+def test_jit_equals_eager():
+    model, state = build(GRUNet, 3, 4, 2, seed=3)
+    xs, ys = data(3, 2, 3, 2)
+    learner, ts = etrace.compile(model, xs[0], state=state)
+
+    def loss(m, ts, x, y):
+        out, ts = learner.step(m, ts, x)
+        return mse(out, y), ts
+
+    grad = eqx.filter_grad(loss, has_aux=True)
+    eager = grad(model, ts, xs[0], ys[0])
+    jitted = eqx.filter_jit(grad)(model, ts, xs[0], ys[0])
+    assert tree_allclose(eager, jitted)
+
+
+def test_no_recompile_across_steps_and_parameter_values():
+    model, state = build(GRUNet, 3, 4, 2, seed=4)
+    xs, ys = data(4, 4, 3, 2)
+    learner, ts = etrace.compile(model, xs[0], state=state)
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def train_step(m, ts, x, y):
+        def loss(m):
+            out, ts2 = learner.step(m, ts, x)
+            return mse(out, y), ts2
+
+        g, ts = eqx.filter_grad(loss, has_aux=True)(m)
+        return eqx.apply_updates(m, jtu.tree_map(lambda a: -0.1 * a, g)), ts
+
+    for x, y in zip(xs, ys):
+        model, ts = train_step(model, ts, x, y)
+    assert int(ts.t) == 4
+
+
+def test_chunked_run_equals_one_run():
+    model, state = build(ALIFNet, 3, 5, 2, seed=5)
+    xs, ys = data(5, 8, 3, 2)
+    learner, ts = etrace.compile(model, xs[0], state=state)
+    whole, ts_whole, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+    first, ts_mid, _ = etrace.online_grad(learner, mse, model, ts, xs[:3], ys[:3])
+    second, ts_end, _ = etrace.online_grad(learner, mse, model, ts_mid, xs[3:], ys[3:])
+    assert tree_allclose(whole, jtu.tree_map(jnp.add, first, second))
+    assert tree_allclose(ts_whole, ts_end)
+
+
+def test_serialise_and_resume():
+    model, state = build(GRUNet, 3, 4, 2, seed=6)
+    xs, ys = data(6, 6, 3, 2)
+    learner, ts = etrace.compile(model, xs[0], state=state)
+    _, ts_mid, _ = etrace.online_grad(learner, mse, model, ts, xs[:3], ys[:3])
+    buffer = io.BytesIO()
+    eqx.tree_serialise_leaves(buffer, ts_mid)
+    buffer.seek(0)
+    restored = eqx.tree_deserialise_leaves(buffer, learner.init())
+    a = etrace.online_grad(learner, mse, model, ts_mid, xs[3:], ys[3:])
+    b = etrace.online_grad(learner, mse, model, restored, xs[3:], ys[3:])
+    assert jtu.tree_all(jtu.tree_map(lambda x, y: bool(jnp.all(x == y)), a, b))
+
+
+def test_zero_mask_gives_zero_gradients_but_advances_state():
+    model, state = build(LIFNet, 3, 5, 2, seed=7)
+    xs, ys = data(7, 5, 3, 2, scale=3.0)
+    learner, ts = etrace.compile(model, xs[0], state=state)
+    grads, ts_end, _ = etrace.online_grad(
+        learner, mse, model, ts, xs, ys, mask=jnp.zeros(5)
+    )
+    assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jtu.tree_leaves(grads))
+    assert int(ts_end.t) == 5
+    assert float(jnp.max(jnp.abs(ts_end.state))) > 0
+    warm = jnp.array([0.0, 0.0, 1.0, 1.0, 1.0])
+    masked, _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys, mask=warm)
+    exact, _ = etrace.bptt_grad(mse, model, state, xs, ys, mask=warm)
+    assert max(leaf_errors(masked, exact).values()) <= 1e-9
+
+
+def test_eqx_state_is_not_invalidated():
+    model, state = build(GRUNet, 3, 4, 2, seed=8)
+    x = jnp.ones(3)
+    learner, ts = etrace.compile(model, x, state=state)
+    learner.step(model, ts, x)
+    etrace.bptt_grad(mse, model, state, x[None], jnp.ones((1, 2)))
+    model(x, state)  # still usable: raises if `state` had been invalidated
+
+
+def test_default_state_from_model_with_state_index():
+    class Net(eqx.Module):
+        cell: eqx.nn.GRUCell
+        h: eqx.nn.StateIndex
+
+        def __init__(self, key):
+            self.cell = eqx.nn.GRUCell(2, 3, key=key)
+            self.h = eqx.nn.StateIndex(jnp.zeros(3))
+
+        def __call__(self, x, state):
+            h = self.cell(x, state.get(self.h))
+            return h, state.set(self.h, h)
+
+    model = f64(Net(jr.key(0)))
+    model = eqx.tree_at(lambda m: m.h, model, eqx.nn.StateIndex(jnp.zeros(3)))
+    learner, ts = etrace.compile(model, jnp.zeros(2))
+    assert [g.name for g in learner.graph.groups] == ["h"]
+    y, ts = learner.step(model, ts, jnp.ones(2))
+    assert y.shape == (3,)
+    # StateIndex initial values are never parameters.
+    (line,) = [ln for ln in learner.summary().splitlines() if "h.init" in ln]
+    assert "state init" in line and "matrix" not in line
+
+
+def test_init_reset_and_trace_of():
+    model, state = build(LSTMNet, 3, 4, 2, seed=9)
+    xs, ys = data(9, 3, 3, 2)
+    learner, ts = etrace.compile(model, xs[0], state=state)
+    _, ts, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+    traces = learner.trace_of(ts, lambda m: m.cell.weight_hh)
+    ((group, trace),) = traces.items()
+    assert group == "state[0]+state[1]"
+    assert trace.shape == (1, 16, 1, 4, 2)
+    assert float(jnp.max(jnp.abs(trace))) > 0
+    fresh = learner.reset(ts)
+    assert int(fresh.t) == 0
+    assert all(float(jnp.max(jnp.abs(a))) == 0 for a in jtu.tree_leaves(fresh.traces))
+    batched = learner.init(batch_size=2)
+    assert batched.t.shape == (2,)
+    assert learner.reset(batched).t.shape == (2,)
+    assert jtu.tree_structure(learner.reset(batched)) == jtu.tree_structure(batched)
+
+
+def test_summary_lists_roles_and_groups():
+    model, state = build(GRUNet, 3, 4, 2, seed=10)
+    learner, _ = etrace.compile(model, jnp.zeros(3), state=state)
+    text = str(learner)
+    for needle in ("cell.weight_ih", "matrix", "elementwise", "readout.weight",
+                   "one-step", "h: N=4 neurons, K=1", "bytes/example"):
+        assert needle in text
+
+
+class Encoded(eqx.Module):
+    """An MLP encoder before a leaky recurrent layer: the encoder is one-step."""
+
+    encoder: eqx.nn.MLP
+    w: eqx.nn.Linear
+    decay: jax.Array
+    readout: eqx.nn.MLP
+
+    def __init__(self, key):
+        k = jr.split(key, 4)
+        self.encoder = eqx.nn.MLP(3, 4, 5, 1, key=k[0])
+        self.w = eqx.nn.Linear(4, 5, key=k[1])
+        self.decay = jr.normal(k[2], (5,))
+        self.readout = eqx.nn.MLP(5, 2, 6, 1, key=k[3])
+
+    def __call__(self, x, h):
+        h = jax.nn.sigmoid(self.decay) * h + self.w(self.encoder(x))
+        return self.readout(h), h
+
+
+def test_weights_behind_another_weight_are_one_step_with_warning():
+    model = f64(Encoded(jr.key(11)))
+    with pytest.warns(etrace.EtraceWarning, match="encoder.layers\\[0\\].weight"):
+        learner, ts = etrace.compile(model, jnp.zeros(3), state=jnp.zeros(5))
+    text = learner.summary()
+    assert "one-step*" in text and "only through another weight op" in text
+    xs, ys = data(11, 6, 3, 2)
+    online, _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+    exact, _ = etrace.bptt_grad(mse, model, jnp.zeros(5), xs, ys)
+    errors = leaf_errors(online, exact)
+    # The recurrent layer and the MLP readout are exact; the encoder is one-step.
+    for name in (".w.weight", ".w.bias", ".decay", ".readout.layers[0].weight"):
+        assert errors[name] <= 1e-9, (name, errors)
+    assert errors[".encoder.layers[0].weight"] > 1e-6
+
+
+def test_one_step_gradient_of_encoder_is_the_same_step_gradient():
+    model = f64(Encoded(jr.key(12)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", etrace.EtraceWarning)
+        learner, ts = etrace.compile(model, jnp.zeros(3), state=jnp.zeros(5))
+    xs, ys = data(12, 1, 3, 2)
+    online, _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+    exact, _ = etrace.bptt_grad(mse, model, jnp.zeros(5), xs, ys)
+    # With one step there is no history: every parameter is exact.
+    assert max(leaf_errors(online, exact).values()) <= 1e-9
+
+
+def test_gradients_are_model_shaped_and_work_with_optax():
+    optax = pytest.importorskip("optax")
+    model, state = build(GRUNet, 3, 4, 2, seed=13)
+    xs, ys = data(13, 4, 3, 2)
+    learner, ts = etrace.compile(model, xs[0], state=state)
+    grads, _, losses = etrace.online_grad(learner, mse, model, ts, xs, ys)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    assert jtu.tree_structure(grads) == jtu.tree_structure(params)
+    opt = optax.adam(1e-2)
+    opt_state = opt.init(params)
+    updates, _ = opt.update(grads, opt_state, params)
+    new = eqx.apply_updates(model, updates)
+    after, _, losses2 = etrace.online_grad(learner, mse, new, ts, xs, ys)
+    assert float(losses2.sum()) < float(losses.sum())
+
+
+def test_pytree_input_and_output():
+    class Two(eqx.Module):
+        a: eqx.nn.Linear
+        b: eqx.nn.Linear
+
+        def __call__(self, x, h):
+            h = 0.5 * h + self.a(x["u"]) + self.b(x["v"])
+            return {"h": h, "sum": jnp.sum(h)}, h
+
+    model = f64(Two(eqx.nn.Linear(2, 3, key=jr.key(0)), eqx.nn.Linear(1, 3, key=jr.key(1))))
+    x0 = {"u": jnp.zeros(2), "v": jnp.zeros(1)}
+    learner, ts = etrace.compile(model, x0, state=jnp.zeros(3))
+    xs = {"u": jr.normal(jr.key(2), (5, 2)), "v": jr.normal(jr.key(3), (5, 1))}
+    ys = jr.normal(jr.key(4), (5,))
+
+    def loss(y, t):
+        return (y["sum"] - t) ** 2 + jnp.sum(y["h"] ** 2)
+
+    online, _, _ = etrace.online_grad(learner, loss, model, ts, xs, ys)
+    exact, _ = etrace.bptt_grad(loss, model, jnp.zeros(3), xs, ys)
+    assert max(leaf_errors(online, exact).values()) <= 1e-9
+
+
+def test_compare_reports_per_parameter():
+    model, state = build(GRUNet, 3, 4, 2, seed=14)
+    xs, ys = data(14, 5, 3, 2)
+    learner, ts = etrace.compile(model, xs[0], state=state)
+    result = etrace.compare(learner, mse, model, ts, xs, ys)
+    err, cos, _, _ = result.rows["readout.weight"]
+    assert err <= 1e-9 and abs(cos - 1) <= 1e-9
+    err, cos, _, _ = result.rows["cell.weight_hh"]
+    assert err > 1e-6 and 0.5 < cos < 1
+    assert "cell.weight_hh" in str(result)
