@@ -161,7 +161,8 @@ class Learner(eqx.Module):
         )
         return jtu.tree_unflatten(c.y_def, y), new
 
-    def init(self, batch_size: int | None = None) -> TraceState:
+    # `batch_size` is validated below with an `EtraceError`, hence `Any`.
+    def init(self, batch_size: Any = None) -> TraceState:
         """A fresh trace state: the initial hidden state and zero traces.
 
         **Arguments:**
@@ -336,7 +337,18 @@ def _structure_message(model: Any, c: Compiled) -> str:
                 f" It has {len(paths)} arrays instead of {len(c.layout.paths)}."
             )
         else:
-            detail = " Its non-array fields (e.g. activation functions) differ."
+            dyn, _, _ = split_model(model)
+            for path, want, got in zip(paths, c.layout.avals, dyn):
+                if tuple(want.shape) != tuple(got.shape) or want.dtype != got.dtype:
+                    detail = (
+                        f" The first difference is at `{path}`: "
+                        f"{_desc(got)} instead of {_desc(want)}."
+                    )
+                    break
+            else:
+                detail = (
+                    " Its non-array fields (sizes, activation functions) differ."
+                )
     return (
         "The model passed to `step` has a different structure from the compiled "
         f"one.{detail} Pass a model of the same structure (updated parameters are "
@@ -346,10 +358,10 @@ def _structure_message(model: Any, c: Compiled) -> str:
 
 def compile(
     model: Any,
-    sample_input: PyTree[Array],
+    sample_input: Any,
     *,
-    algorithm: AbstractAlgorithm | None = None,
-    state: PyTree[Array] | None = None,
+    algorithm: Any = None,
+    state: Any = None,
 ) -> tuple[Learner, TraceState]:
     """Analyses a model's step once and returns a learner and zero traces.
 
