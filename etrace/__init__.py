@@ -7,7 +7,7 @@ from ._algorithm.base import (
 from ._algorithm.d_rtrl import D_RTRL as D_RTRL
 from ._errors import EtraceError as EtraceError, EtraceWarning as EtraceWarning
 from ._graph import Graph as Graph, Group as Group, Site as Site, Unit as Unit
-from ._learner import Learner as Learner, TraceState as TraceState, compile as compile
+from ._learner import compile as compile, Learner as Learner, TraceState as TraceState
 from ._runtime import Jacobians as Jacobians
 from ._sequence import (
     bptt_grad as bptt_grad,

@@ -192,7 +192,8 @@ def trace(model: Any, sample_input: Any, state: Any) -> tuple[Any, ...]:
             raise EtraceError(
                 "The model returned a new state whose structure differs from the "
                 f"state it was given: {new_def} instead of {state_def}. Return the "
-                "same structure (e.g. `state.set(index, value)` on the state passed in)."
+                "same structure (e.g. `state.set(index, value)` on the state passed "
+                "in)."
             )
         for name, old, new in zip(names, state_avals, new_leaves):
             if old.shape != jnp.shape(new) or old.dtype != jnp.result_type(new):
@@ -332,9 +333,7 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
                 "compute that part outside the recurrent update."
             )
     site_outs = sorted(
-        v
-        for v in stopped
-        if (program.producer.get(v) in cuts) or param_only(v)
+        v for v in stopped if (program.producer.get(v) in cuts) or param_only(v)
     )
 
     # 4. Labels.
@@ -404,8 +403,9 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
         pairs = np.unique(np.stack([comp[hid_active], node_idx[hid_active]]), axis=1)
         counts = np.bincount(pairs[0], minlength=len(active_comp))
         if (counts > 1).any():
-            _raise_conflict(program, lab, node_idx, node_leaf, active_node, names,
-                            out_state)
+            _raise_conflict(
+                program, lab, node_idx, node_leaf, active_node, names, out_state
+            )
 
     # Groups: leaves that share an active component.
     parent = {j: j for j in float_leaves}
@@ -480,9 +480,7 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
     site_of_out: dict[int, Site] = {}
     for v in site_outs:
         p = program.producer.get(v)
-        nodes = site_off[v] + np.arange(
-            int(np.prod(program.avals[v].shape, dtype=int))
-        )
+        nodes = site_off[v] + np.arange(int(np.prod(program.avals[v].shape, dtype=int)))
         feeds = comp_group[comp[nodes]]
         if not (feeds >= 0).any():
             continue
@@ -567,8 +565,17 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
     order = _schedule(program, tail, modes, active_sinks, cut_sites, graph)
 
     roles = _roles(
-        program, layout, pmask, dyn, cuts, cut_sites, tail, esite_vars, anc,
-        sites, n_y,
+        program,
+        layout,
+        pmask,
+        dyn,
+        cuts,
+        cut_sites,
+        tail,
+        esite_vars,
+        anc,
+        sites,
+        n_y,
     )
     one_step = [layout.paths[i] for i, (r, _) in enumerate(roles) if r == "one-step*"]
     if one_step:
@@ -811,8 +818,9 @@ def _group_of(active_sinks, v) -> int:
     raise KeyError(v)
 
 
-def _roles(program, layout, pmask, dyn, cuts, cut_sites, tail, esite_vars, anc,
-           sites, n_y) -> tuple[tuple[str, str], ...]:
+def _roles(
+    program, layout, pmask, dyn, cuts, cut_sites, tail, esite_vars, anc, sites, n_y
+) -> tuple[tuple[str, str], ...]:
     """Each parameter's role and the reason, for `summary()` and warnings."""
     eqns = program.eqns
     any_anc = set().union(*anc) if anc else set()
@@ -847,8 +855,11 @@ def _roles(program, layout, pmask, dyn, cuts, cut_sites, tail, esite_vars, anc,
             roles.append(("elementwise", "enters the recurrent update element-wise"))
         elif k in one_step:
             roles.append(
-                ("one-step*", "reaches the hidden state only through another "
-                 "weight op: learned with this step's gradient, no trace")
+                (
+                    "one-step*",
+                    "reaches the hidden state only through another "
+                    "weight op: learned with this step's gradient, no trace",
+                )
             )
         elif k in readout:
             roles.append(("one-step", "reaches no hidden state (readout)"))

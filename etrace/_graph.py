@@ -6,10 +6,10 @@ decay or threshold, after any computation on parameters alone). A *hidden group*
 set of state leaves whose neurons interact element-wise (an LSTM's `h` and `c`). A
 *unit* is one site feeding one group: it is what an algorithm keeps a trace for.
 
-Every site is put in a canonical form `y[b, w, f] = sum_c W[b, w, c] x[b, f, c]` with
-`B` batch (grouped) dimensions, `Fw` outputs per weight row, `Fx` input positions sharing
-the weight, and `C` contracted inputs. A dense layer is `B = Fx = 1`; an element-wise
-parameter is `B = Fx = C = 1` with `x = 1`.
+Every site is put in a canonical form `y[b, w, f] = sum_c W[b, w, c] x[b, f, c]`
+with `B` batch (grouped) dimensions, `Fw` outputs per weight row, `Fx` input
+positions sharing the weight, and `C` contracted inputs. A dense layer is
+`B = Fx = 1`; an element-wise parameter is `B = Fx = C = 1` with `x = 1`.
 """
 
 from __future__ import annotations

@@ -119,7 +119,9 @@ class Labeller:
         if all(x is None for x in ins):
             return [None] * len(eqn.outs)
         name = eqn.name
-        prov = [self.moved[v] for v in eqn.ins if isinstance(v, int) and v in self.moved]
+        prov = [
+            self.moved[v] for v in eqn.ins if isinstance(v, int) and v in self.moved
+        ]
         if prov:
             for o in eqn.outs:
                 self.moved[o] = prov[0]
@@ -146,9 +148,7 @@ class Labeller:
         # input element. That is exact for one neuron and refused otherwise.
         flat = [x.ravel() for x in ins if x is not None]
         rep = self._join_rows(np.concatenate(flat)[None, :], where)[0]
-        return [
-            np.full(self.program.aval(o).shape, rep, np.int32) for o in eqn.outs
-        ]
+        return [np.full(self.program.aval(o).shape, rep, np.int32) for o in eqn.outs]
 
     def _layout(self, eqn: _ir.Eqn, where: int) -> list[np.ndarray | None]:
         name = eqn.name
@@ -156,8 +156,7 @@ class Labeller:
         for k, v in enumerate(eqn.ins):
             carries = self.get(v) is not None
             data_operand = k == 0 or (
-                name in ("concatenate",)
-                or (name == "dynamic_update_slice" and k == 1)
+                name in ("concatenate",) or (name == "dynamic_update_slice" and k == 1)
             )
             if data_operand:
                 args.append(jnp.asarray(self._full(v)))

@@ -14,7 +14,7 @@ from jaxtyping import Array, Int, PyTree
 
 from ._algorithm.base import AbstractAlgorithm
 from ._algorithm.d_rtrl import D_RTRL
-from ._compiler import Compiled, _Leaf, analyse, initial_state, split_model
+from ._compiler import _Leaf, analyse, Compiled, initial_state, split_model
 from ._errors import EtraceError
 from ._graph import Graph
 from ._runtime import run_step
@@ -50,9 +50,9 @@ def _desc(a: Any) -> str:
 
 def _check_leaves(what: str, names, expected, got, hint: str) -> None:
     for name, e, g in zip(names, expected, got):
-        if tuple(e.shape) != tuple(jnp.shape(g)) or jnp.dtype(e.dtype) != jnp.result_type(
-            g
-        ):
+        if tuple(e.shape) != tuple(jnp.shape(g)) or jnp.dtype(
+            e.dtype
+        ) != jnp.result_type(g):
             raise EtraceError(
                 f"{what} `{name}` is {_desc(jnp.asarray(g))}, but the learner was "
                 f"compiled for {_desc(e)}. {hint}"
@@ -116,8 +116,8 @@ class Learner(eqx.Module):
             c.layout.paths,
             c.layout.avals,
             dyn,
-            "Pass a model of the same structure, shapes and dtypes as the compiled one, "
-            "or compile again.",
+            "Pass a model of the same structure, shapes and dtypes as the compiled "
+            "one, or compile again.",
         )
         x_leaves, x_def = jtu.tree_flatten(x)
         if x_def != c.x_def:
@@ -181,8 +181,10 @@ class Learner(eqx.Module):
         )
         if batch_size is None:
             return ts
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
-            batch_size < 1
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, int)
+            or (batch_size < 1)
         ):
             raise EtraceError(
                 f"`batch_size` must be a positive int or None, got {batch_size!r}."
@@ -333,9 +335,7 @@ def _structure_message(model: Any, c: Compiled) -> str:
             break
     else:
         if len(paths) != len(c.layout.paths):
-            detail = (
-                f" It has {len(paths)} arrays instead of {len(c.layout.paths)}."
-            )
+            detail = f" It has {len(paths)} arrays instead of {len(c.layout.paths)}."
         else:
             dyn, _, _ = split_model(model)
             for path, want, got in zip(paths, c.layout.avals, dyn):
@@ -346,9 +346,7 @@ def _structure_message(model: Any, c: Compiled) -> str:
                     )
                     break
             else:
-                detail = (
-                    " Its non-array fields (sizes, activation functions) differ."
-                )
+                detail = " Its non-array fields (sizes, activation functions) differ."
     return (
         "The model passed to `step` has a different structure from the compiled "
         f"one.{detail} Pass a model of the same structure (updated parameters are "

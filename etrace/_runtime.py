@@ -85,9 +85,7 @@ def group_jacobians(
     dhs, dys = jax.vmap(pullback)(cots)  # dhs[k_in] has shape (k_out, ...)
     D = jnp.stack([jnp.reshape(d, (k, -1)).T for d in dhs], axis=-1)
     Df = [
-        jnp.moveaxis(
-            jax.vmap(u.site.canonical_y)(dy).astype(u.site.dtype), 0, -1
-        )
+        jnp.moveaxis(jax.vmap(u.site.canonical_y)(dy).astype(u.site.dtype), 0, -1)
         for u, dy in zip(units, dys)
     ]
     return D, Df
@@ -229,9 +227,7 @@ def run_step(
         updated = jtu.tree_map(sg, updated)
         new_traces.update(updated)
         weights = [main[u.site.weight] for u in units]
-        hook = _make_hook(
-            algorithm, sub, group, [jnp.result_type(w) for w in weights]
-        )
+        hook = _make_hook(algorithm, sub, group, [jnp.result_type(w) for w in weights])
         out = hook(new_vals, weights, updated, jtu.tree_map(sg, jac))
         for s, val in zip(sinks, out):
             if isinstance(s, int):
@@ -254,9 +250,7 @@ def run_step(
             main.update(zip(eqn.outs, outs))
 
     n_y = compiled.n_y
-    y = [
-        read_by_mode(m, v) for m, v in zip(compiled.out_modes, program.outvars[:n_y])
-    ]
+    y = [read_by_mode(m, v) for m, v in zip(compiled.out_modes, program.outvars[:n_y])]
     new_state = []
     for v, aval in zip(program.outvars[n_y:], compiled.state_avals):
         val = read_tail(v) if isinstance(v, int) else jnp.asarray(v.val, aval.dtype)

@@ -213,9 +213,7 @@ def gradient_table(online: Any, bptt: Any) -> dict[str, tuple[float, ...]]:
         na = float(jnp.linalg.norm(a))
         nb = float(jnp.linalg.norm(b))
         err = float(jnp.linalg.norm(a - b)) / nb if nb > 0 else float(na > 0)
-        cos = float(jnp.dot(a, b)) / (na * nb) if na > 0 and nb > 0 else float(
-            na == nb
-        )
+        cos = float(jnp.dot(a, b)) / (na * nb) if na > 0 and nb > 0 else float(na == nb)
         key = jtu.keystr(path)
         rows[key[1:] if key.startswith(".") else key] = (err, cos, na, nb)
     return rows

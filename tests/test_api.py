@@ -55,7 +55,9 @@ def test_vmap_equals_per_example_loop(family):
     )
     total = None
     for b in range(batch):
-        g, ts, _ = etrace.online_grad(learner, mse, model, learner.init(), xs[:, b], ys[:, b])
+        g, ts, _ = etrace.online_grad(
+            learner, mse, model, learner.init(), xs[:, b], ys[:, b]
+        )
         total = g if total is None else jtu.tree_map(jnp.add, total, g)
         assert tree_allclose(jtu.tree_map(lambda a: a[b], ts_b), ts)
     assert tree_allclose(grads, jtu.tree_map(lambda a: a / batch, total))
@@ -194,8 +196,15 @@ def test_summary_lists_roles_and_groups():
     model, state = build(GRUNet, 3, 4, 2, seed=10)
     learner, _ = etrace.compile(model, jnp.zeros(3), state=state)
     text = str(learner)
-    for needle in ("cell.weight_ih", "matrix", "elementwise", "readout.weight",
-                   "one-step", "h: N=4 neurons, K=1", "bytes/example"):
+    for needle in (
+        "cell.weight_ih",
+        "matrix",
+        "elementwise",
+        "readout.weight",
+        "one-step",
+        "h: N=4 neurons, K=1",
+        "bytes/example",
+    ):
         assert needle in text
 
 
@@ -272,7 +281,9 @@ def test_pytree_input_and_output():
             h = 0.5 * h + self.a(x["u"]) + self.b(x["v"])
             return {"h": h, "sum": jnp.sum(h)}, h
 
-    model = f64(Two(eqx.nn.Linear(2, 3, key=jr.key(0)), eqx.nn.Linear(1, 3, key=jr.key(1))))
+    model = f64(
+        Two(eqx.nn.Linear(2, 3, key=jr.key(0)), eqx.nn.Linear(1, 3, key=jr.key(1)))
+    )
     x0 = {"u": jnp.zeros(2), "v": jnp.zeros(1)}
     learner, ts = etrace.compile(model, x0, state=jnp.zeros(3))
     xs = {"u": jr.normal(jr.key(2), (5, 2)), "v": jr.normal(jr.key(3), (5, 1))}

@@ -24,7 +24,9 @@ class Update(eqx.Module):
 
 def _compile(fn, hidden=4, state=None):
     model = f64(Update(jnp.ones((hidden, 3)), fn))
-    return etrace.compile(model, jnp.zeros(3), state=jnp.zeros(hidden) if state is None else state)
+    return etrace.compile(
+        model, jnp.zeros(3), state=jnp.zeros(hidden) if state is None else state
+    )
 
 
 def _layer_norm(h):
@@ -36,7 +38,10 @@ def _layer_norm(h):
     [
         (lambda h, y: jnp.tanh(0.5 * (h - h.mean()) + y), "`reduce_sum`"),
         (lambda h, y: jnp.tanh(_layer_norm(h) + y), "`reduce_sum`"),
-        (lambda h, y: jnp.roll(0.5 * h, 1) + y, "new `state`\\[0\\] depend on neuron 3"),
+        (
+            lambda h, y: jnp.roll(0.5 * h, 1) + y,
+            "new `state`\\[0\\] depend on neuron 3",
+        ),
         (
             lambda h, y: 0.5 * h.reshape(2, 2).T.reshape(4) + y,
             "`transpose`.*depend on neuron",
@@ -53,7 +58,9 @@ def test_tail_not_neuron_local(fn, match):
 
 def test_neuron_local_layout_is_accepted():
     # A reshape and back, and per-neuron work on the reshaped view, stays local.
-    learner, _ = _compile(lambda h, y: jnp.tanh(0.5 * h.reshape(2, 2) ** 2).reshape(4) + y)
+    learner, _ = _compile(
+        lambda h, y: jnp.tanh(0.5 * h.reshape(2, 2) ** 2).reshape(4) + y
+    )
     assert learner.graph.groups[0].n == 4
 
 
@@ -69,7 +76,9 @@ def test_while_loop_in_update_is_refused():
     def fn(h, y):
         return jax.lax.fori_loop(0, 2, lambda i, c: 0.5 * c + y, h)
 
-    with pytest.raises(etrace.EtraceError, match="Unsupported primitive `(while|scan)`"):
+    with pytest.raises(
+        etrace.EtraceError, match="Unsupported primitive `(while|scan)`"
+    ):
         _compile(fn)
 
 
@@ -104,7 +113,9 @@ def _gru():
 
 def test_input_shape_mismatch_names_both_shapes():
     model, _, learner, ts = _gru()
-    with pytest.raises(etrace.EtraceError, match=r"float64\[5\].*compiled for float64\[3\]"):
+    with pytest.raises(
+        etrace.EtraceError, match=r"float64\[5\].*compiled for float64\[3\]"
+    ):
         learner.step(model, ts, jnp.zeros(5))
 
 
@@ -116,7 +127,9 @@ def test_batched_input_without_vmap_explains_vmap():
 
 def test_input_dtype_mismatch():
     model, _, learner, ts = _gru()
-    with pytest.raises(etrace.EtraceError, match=r"float32\[3\].*compiled for float64\[3\]"):
+    with pytest.raises(
+        etrace.EtraceError, match=r"float32\[3\].*compiled for float64\[3\]"
+    ):
         learner.step(model, ts, jnp.zeros(3, jnp.float32))
 
 
@@ -129,7 +142,10 @@ def test_input_structure_mismatch():
 def test_model_structure_mismatch():
     model, _, learner, ts = _gru()
     other, _ = build(GRUNet, 3, 5, 2, seed=0)
-    with pytest.raises(etrace.EtraceError, match=r"different structure.*`cell.weight_ih`: float64\[15, 3\]"):
+    with pytest.raises(
+        etrace.EtraceError,
+        match=r"different structure.*`cell.weight_ih`: float64\[15, 3\]",
+    ):
         learner.step(other, ts, jnp.zeros(3))
     replaced = eqx.tree_at(lambda m: m.readout, model, eqx.nn.Identity())
     with pytest.raises(etrace.EtraceError, match="different structure"):
@@ -138,7 +154,9 @@ def test_model_structure_mismatch():
 
 def test_model_dtype_mismatch_names_path():
     model, _, learner, ts = _gru()
-    f32 = jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, model)
+    f32 = jax.tree.map(
+        lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, model
+    )
     with pytest.raises(etrace.EtraceError, match="cell.weight_ih"):
         learner.step(f32, ts, jnp.zeros(3))
 
@@ -252,5 +270,7 @@ def test_errors_survive_python_optimise_flag():
         "except etrace.EtraceError:\n"
         "    print('raised')\n"
     )
-    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-O", "-c", code], capture_output=True, text=True
+    )
     assert out.stdout.strip() == "raised", out.stderr

@@ -14,8 +14,8 @@ from .helpers import (
     build,
     data,
     firing_rate,
-    Leaky,
     leaf_errors,
+    Leaky,
     LIFNet,
     mse,
     per_step_grads,
@@ -76,8 +76,12 @@ def test_d_rtrl_equals_bptt_with_custom_vjp_surrogate():
 
 
 @settings(max_examples=8, deadline=None)
-@given(n_in=sizes, hidden=st.integers(2, 5), seed=st.integers(0, 10_000),
-       length=st.integers(3, 8))
+@given(
+    n_in=sizes,
+    hidden=st.integers(2, 5),
+    seed=st.integers(0, 10_000),
+    length=st.integers(3, 8),
+)
 def test_two_layer_stack_top_exact_bottom_differs(n_in, hidden, seed, length):
     model, _, _, _, _, online, exact = _online_and_bptt(
         Stack, n_in, hidden, seed, length
@@ -92,8 +96,12 @@ def test_two_layer_stack_top_exact_bottom_differs(n_in, hidden, seed, length):
 
 
 @settings(max_examples=8, deadline=None)
-@given(n_in=sizes, hidden=st.integers(2, 5), seed=st.integers(0, 10_000),
-       length=st.integers(3, 8))
+@given(
+    n_in=sizes,
+    hidden=st.integers(2, 5),
+    seed=st.integers(0, 10_000),
+    length=st.integers(3, 8),
+)
 def test_vanilla_rnn_with_recurrent_weight_differs(n_in, hidden, seed, length):
     _, _, _, _, _, online, exact = _online_and_bptt(
         VanillaRNN, n_in, hidden, seed, length
