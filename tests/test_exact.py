@@ -2,6 +2,7 @@
 
 import equinox as eqx
 import hypothesis.strategies as st
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import pytest
@@ -13,6 +14,7 @@ from .helpers import (
     ALIFNet,
     build,
     data,
+    f64,
     firing_rate,
     leaf_errors,
     Leaky,
@@ -123,3 +125,60 @@ def test_vanilla_rnn_with_recurrent_weight_differs(n_in, hidden, seed, length):
 def test_d_rtrl_equals_bptt_sweep(family, n_in, hidden, seed, length):
     _, _, _, _, _, online, exact = _online_and_bptt(family, n_in, hidden, seed, length)
     assert max(leaf_errors(online, exact).values()) <= 1e-9
+
+
+class SharedWeight(eqx.Module):
+    """One weight op feeds two hidden populations.
+
+    With `split=False` the whole output drives both populations (they share neuron
+    positions, so they form one group of two states); with `split=True` its halves
+    drive two separate groups (one site, two units).
+    """
+
+    w: eqx.nn.Linear
+    decay: jax.Array
+    readout: eqx.nn.Linear
+    split: bool = eqx.field(static=True)
+
+    def __call__(self, x, state):
+        h1, h2 = state
+        y = self.w(x)
+        a, b = (y[: h1.size], y[h1.size :]) if self.split else (y, y)
+        h1 = jax.nn.sigmoid(self.decay[: h1.size]) * h1 + a
+        h2 = 0.8 * h2 + jnp.tanh(b)
+        return self.readout(jnp.concatenate([h1, h2])), (h1, h2)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_one_weight_op_feeding_two_groups(split):
+    hidden = 3
+    out = 2 * hidden if split else hidden
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    model = f64(
+        SharedWeight(
+            eqx.nn.Linear(2, out, key=k1),
+            jax.random.normal(k2, (hidden,)),
+            eqx.nn.Linear(2 * hidden, 2, key=k3),
+            split,
+        )
+    )
+    state = (jnp.zeros(hidden), jnp.zeros(hidden))
+    learner, ts = etrace.compile(model, jnp.zeros(2), state=state)
+    assert len(learner.graph.groups) == (2 if split else 1)
+    w_units = [u for u in learner.graph.units if u.site.name == "w.weight @ x"]
+    assert len(w_units) == (2 if split else 1)
+    xs, ys = data(3, 6, 2, 2)
+    online, _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+    exact, _ = etrace.bptt_grad(mse, model, state, xs, ys)
+    assert max(leaf_errors(online, exact).values()) <= 1e-9
+
+
+def test_group_and_unit_order_is_deterministic():
+    model, state = build(Stack, 3, 4, 2, seed=0)
+    names = []
+    for _ in range(2):
+        learner, _ = etrace.compile(model, jnp.zeros(3), state=state)
+        names.append([u.name for u in learner.graph.units])
+    assert names[0] == names[1]
+    groups = [n.split(" -> ")[1] for n in names[0]]
+    assert groups == sorted(groups) and len(names[0]) == 8
