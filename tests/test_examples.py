@@ -1,0 +1,43 @@
+"""Smoke tests: the examples and benchmarks run end to end at tiny sizes."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _load(relative: str):
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_copying_task_smoke(tmp_path):
+    pytest.importorskip("optax")
+    pytest.importorskip("matplotlib")
+    module = _load("examples/copying_task.py")
+    out = tmp_path / "copy.png"
+    summary = module.main(
+        ["--steps", "2", "--hidden", "8", "--batch", "4", "--out", str(out)]
+    )
+    assert out.exists() and out.stat().st_size > 0
+    assert summary
+
+
+def test_memory_benchmark_smoke(tmp_path):
+    module = _load("benchmarks/memory.py")
+    out = tmp_path / "memory.json"
+    rows = module.main(
+        ["--lengths", "5", "20", "--hidden", "8", "--batch", "2", "--out", str(out)]
+    )
+    assert len(rows) == 2
+    assert json.loads(out.read_text())
