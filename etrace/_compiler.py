@@ -152,6 +152,10 @@ class Compiled:
     out_modes: tuple[str, ...]
     roles: tuple[tuple[str, str], ...]
     skeleton: Any
+    # Per unit name: bitmasks of the groups whose previous / new state its weight
+    # op's input depends on (how temporal layers connect; used by exactness rules).
+    x_deps: dict[str, tuple[int, int]]
+    one_step_reads: tuple[str, ...]
 
     @property
     def state_vars(self) -> list[int]:
@@ -596,6 +600,7 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
             EtraceWarning,
             stacklevel=3,
         )
+    x_deps = _group_dependencies(program, groups, state_vars, sink_group, units)
     skeleton = eqx.combine(
         jtu.tree_unflatten(layout.treedef, [_Leaf(i) for i in range(n_dyn)]),
         layout.static,
@@ -623,7 +628,41 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
         out_modes=out_modes,
         roles=roles,
         skeleton=skeleton,
+        x_deps=x_deps,
+        one_step_reads=tuple(sorted(set(one_step_reads))),
     )
+
+
+def _group_dependencies(program, groups, state_vars, sink_group, units):
+    prev: dict[int, int] = {}
+    new: dict[int, int] = {}
+    for gi, g in enumerate(groups):
+        for j in g.leaves:
+            prev[state_vars[j]] = prev.get(state_vars[j], 0) | 1 << gi
+    for v, gi in sink_group.items():
+        if v not in program.producer:
+            new[v] = new.get(v, 0) | 1 << gi
+    for e in program.eqns:
+        pb = nb = 0
+        for a in e.ins:
+            if isinstance(a, int):
+                pb |= prev.get(a, 0)
+                nb |= new.get(a, 0)
+        for o in e.outs:
+            if pb:
+                prev[o] = pb
+            if o in sink_group:
+                nb |= 1 << sink_group[o]
+            if nb:
+                new[o] = nb
+    out = {}
+    for u in units:
+        x = u.site.x
+        if isinstance(x, int):
+            out[u.name] = (prev.get(x, 0), new.get(x, 0))
+        else:
+            out[u.name] = (0, 0)
+    return out
 
 
 def site_out_set(site_of_out: dict[int, Site]) -> list[int]:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import assume, given, settings
 
 import etrace
+import etrace.testing as et
 
 from .helpers import (
     ALIFNet,
@@ -49,21 +50,22 @@ def _online_and_bptt(family, n_in, hidden, seed, length, check=assume, **kwargs)
 
 @settings(max_examples=8, deadline=None)
 @given(
-    family=st.sampled_from(EXACT),
-    n_in=sizes,
-    hidden=sizes,
-    seed=st.integers(0, 10_000),
-    length=st.integers(2, 8),
+    case=et.model_families(("leaky", "lif", "alif"), inputs=(1, 5), hidden=(1, 5)),
+    data=st.data(),
 )
-def test_d_rtrl_equals_bptt_elementwise_recurrence(family, n_in, hidden, seed, length):
-    model, learner, ts, xs, ys, online, exact = _online_and_bptt(
-        family, n_in, hidden, seed, length
-    )
-    errors = leaf_errors(online, exact)
-    assert max(errors.values()) <= 1e-9, errors
+def test_d_rtrl_equals_bptt_elementwise_recurrence(case, data):
+    model, state = case.build()
+    seq = data.draw(et.sequences(case, length=(2, 8)))
+    assume(et.liveness(model, seq.xs, state=state).live)
+    learner, ts = etrace.compile(model, case.sample_input, state=state)
+    assert et.exact_regime(etrace.D_RTRL(), learner)
+    et.assert_matches_bptt(learner, mse, model, ts, seq.xs, seq.targets)
     # Not vacuous: history matters here, so the same rule with its traces reset every
     # step (only the immediate term) must be wrong somewhere.
-    truncated, _ = per_step_grads(learner, mse, model, ts, xs, ys, reset_traces=True)
+    exact, _ = etrace.bptt_grad(mse, model, state, seq.xs, seq.targets)
+    truncated, _ = per_step_grads(
+        learner, mse, model, ts, seq.xs, seq.targets, reset_traces=True
+    )
     assert max(leaf_errors(truncated, exact).values()) > 1e-6
 
 
@@ -85,16 +87,20 @@ def test_d_rtrl_equals_bptt_with_custom_vjp_surrogate():
     length=st.integers(3, 8),
 )
 def test_two_layer_stack_top_exact_bottom_differs(n_in, hidden, seed, length):
-    model, _, _, _, _, online, exact = _online_and_bptt(
-        Stack, n_in, hidden, seed, length
+    model, state = build(Stack, n_in, hidden, 2, seed)
+    xs, ys = data(seed, length, n_in, 2)
+    assume(et.liveness(model, xs, state=state).live)
+    learner, ts = etrace.compile(model, xs[0], state=state)
+    regime = et.exact_regime(etrace.D_RTRL(), learner)
+    assert not regime and regime.params["l2.linear.weight"]
+    assert not regime.params["l1.linear.weight"]
+    rows = et.assert_matches_bptt(
+        learner, mse, model, ts, xs, ys, params=["l2", "readout"]
     )
-    top = leaf_errors((online.l2, online.readout), (exact.l2, exact.readout))
-    assert max(top.values()) <= 1e-9, top
-    bottom = leaf_errors(online.l1, exact.l1)
     # The bottom layer's signal misses the top layer's memory: it must differ
     # whenever BPTT's bottom gradient is not zero.
-    assume(max(float(jnp.max(jnp.abs(x))) for x in jtu.tree_leaves(exact.l1)) > 1e-8)
-    assert max(bottom.values()) > 1e-6, bottom
+    assume(rows["l1.linear.weight"][3] > 1e-8)
+    et.assert_differs_from_bptt(learner, mse, model, ts, xs, ys, params="l1")
 
 
 @settings(max_examples=8, deadline=None)
@@ -105,12 +111,14 @@ def test_two_layer_stack_top_exact_bottom_differs(n_in, hidden, seed, length):
     length=st.integers(3, 8),
 )
 def test_vanilla_rnn_with_recurrent_weight_differs(n_in, hidden, seed, length):
-    _, _, _, _, _, online, exact = _online_and_bptt(
-        VanillaRNN, n_in, hidden, seed, length
+    model, state = build(VanillaRNN, n_in, hidden, 2, seed)
+    xs, ys = data(seed, length, n_in, 2)
+    learner, ts = etrace.compile(model, xs[0], state=state)
+    assert not et.exact_regime(etrace.D_RTRL(), learner)
+    et.assert_matches_bptt(learner, mse, model, ts, xs, ys, params="readout")
+    et.assert_differs_from_bptt(
+        learner, mse, model, ts, xs, ys, params="rec", rtol=1e-4
     )
-    errors = leaf_errors(online, exact)
-    assert errors[".readout.weight"] <= 1e-9
-    assert errors[".rec.weight"] > 1e-4, errors
 
 
 @pytest.mark.slow

@@ -1,0 +1,42 @@
+"""Running a block of code, or a test, in float64."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import jax
+
+
+@contextlib.contextmanager
+def float64() -> Iterator[None]:
+    """Enables `jax_enable_x64` for the duration of a `with` block.
+
+    Exactness checks agree to 1e-9 relative only in float64. Create the model and data
+    inside the block (or cast them with `etrace.testing.f64`).
+    """
+    old = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", old)
+
+
+try:
+    import pytest
+except ImportError:  # pytest is only needed for the fixture
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture
+    def x64():
+        """A pytest fixture that runs the test in float64."""
+        with float64():
+            yield
+
+else:  # pragma: no cover
+
+    def x64():
+        raise ImportError("The `x64` fixture needs pytest: `pip install pytest`.")

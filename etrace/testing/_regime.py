@@ -1,0 +1,135 @@
+"""Whether an algorithm should equal BPTT on a model, from its compiled graph."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from .._algorithm.d_rtrl import D_RTRL
+from .._errors import EtraceError
+from .._learner import compile as _compile, Learner
+
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+    """The verdict of `exact_regime`.
+
+    **Attributes:**
+
+    - `exact`: whether the online gradient of every parameter should equal BPTT.
+    - `params`: per parameter path, whether that parameter's gradient should.
+    - `reasons`: sentences explaining every inexact part (empty when exact).
+    """
+
+    exact: bool
+    params: dict[str, bool]
+    reasons: tuple[str, ...]
+
+    def __bool__(self) -> bool:
+        return self.exact
+
+    def __str__(self) -> str:
+        if self.exact:
+            return "exact: every parameter's online gradient equals BPTT"
+        return "not exact:\n" + "\n".join(f"  - {r}" for r in self.reasons)
+
+
+def _diagonal_rule(learner: Learner) -> Regime:
+    """D-RTRL is exact for a group whose recurrences are all element-wise."""
+    c = learner.compiled
+    groups = learner.graph.groups
+    inexact: dict[int, str] = {}
+    for u in learner.graph.units:
+        prev, new = c.x_deps[u.name]
+        for gi, g in enumerate(groups):
+            if prev >> gi & 1 and u.group is g:
+                inexact.setdefault(
+                    gi,
+                    f"`{u.site.name}` reads the previous state of `{g.name}`: a "
+                    "recurrent weight, whose paths the diagonal traces drop",
+                )
+            elif (prev >> gi & 1 or new >> gi & 1) and u.group is not g:
+                inexact.setdefault(
+                    gi,
+                    f"`{g.name}` drives the hidden group `{u.group.name}` through "
+                    f"`{u.site.name}`: its learning signal misses that group's memory",
+                )
+            elif new >> gi & 1:
+                inexact.setdefault(
+                    gi,
+                    f"`{u.site.name}` reads the new state of its own group "
+                    f"`{g.name}`: a same-step path through a weight",
+                )
+    reasons = [inexact[g] for g in sorted(inexact)]
+    if c.one_step_reads:
+        reasons.append(
+            "a value from inside the recurrent update is read before it is stored "
+            f"as state ({c.one_step_reads[0]}): that path is one-step"
+        )
+    params = {}
+    for k, path in enumerate(c.layout.paths):
+        role, _ = c.roles[k]
+        if role == "one-step*":
+            params[path] = False
+            reasons.append(
+                f"`{path}` reaches the hidden state only through another weight op "
+                "and is learned one-step"
+            )
+            continue
+        feeds = {
+            groups.index(u.group) for u in learner.graph.units if k in u.site.params
+        }
+        params[path] = not c.one_step_reads and not (feeds & set(inexact))
+    return Regime(all(params.values()), params, tuple(reasons))
+
+
+_RULES: dict[type, Callable[[Learner], Regime]] = {D_RTRL: _diagonal_rule}
+
+
+def register_exact_regime(algorithm_type: type, rule: Callable[[Learner], Regime]):
+    """Registers the exactness rule of an algorithm type (for custom algorithms)."""
+    _RULES[algorithm_type] = rule
+
+
+def exact_regime(
+    algorithm: Any,
+    model: Any,
+    sample_input: Any = None,
+    *,
+    state: Any = None,
+) -> Regime:
+    """Says whether `algorithm` should equal BPTT on `model`, and why.
+
+    The verdict comes from the compiled graph: which hidden groups exist, which weight
+    ops read previous or new hidden states (recurrent weights, stacked temporal
+    layers), and which parameters are learned one-step.
+
+    **Arguments:**
+
+    - `algorithm`: an algorithm instance, e.g. `etrace.D_RTRL()`.
+    - `model`: the model, or a `Learner` already compiled for it (then
+        `sample_input` and `state` are not needed).
+    - `sample_input`, `state`: as for `etrace.compile`.
+
+    **Returns:**
+
+    A `Regime` (truthy when exact) with per-parameter verdicts and reasons.
+    """
+    if isinstance(model, Learner):
+        learner = model
+    else:
+        if sample_input is None:
+            raise EtraceError(
+                "`exact_regime` needs `sample_input` (one unbatched time step) to "
+                "analyse a model; or pass a compiled `Learner` instead of the model."
+            )
+        learner, _ = _compile(model, sample_input, algorithm=algorithm, state=state)
+    for kind in type(algorithm).__mro__:
+        if kind in _RULES:
+            return _RULES[kind](learner)
+    return Regime(
+        False,
+        {p: False for p in learner.compiled.layout.paths},
+        (f"no exactness rule is registered for {type(algorithm).__name__}",),
+    )
