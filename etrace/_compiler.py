@@ -790,7 +790,9 @@ def _raise_conflict(program, lab, node_idx, node_leaf, active_node, names, out_s
                     )
                 raise EtraceError(_NOT_LOCAL.format(culprit=culprit, what=what))
             parent[ra] = rb
-            pos[rb] = ia if ia is not None else ib
+            merged = ia if ia is not None else ib
+            if merged is not None:
+                pos[rb] = merged
     raise EtraceError(
         _NOT_LOCAL.format(
             culprit="the recurrent update",

@@ -171,7 +171,7 @@ class Labeller:
                 args.append(jnp.asarray(val))
         with jax.ensure_compile_time_eval():
             outs = _ir.bind(eqn, *args)
-        outs = [np.asarray(o, np.int32) for o in outs]
+        outs: list[np.ndarray | None] = [np.asarray(o, np.int32) for o in outs]
         if name in REORDER and any(
             (x is not None and (x[(x >= 0)] < self.n_hidden).any())
             for x in (self.get(v) for v in eqn.ins)

@@ -309,7 +309,8 @@ class Learner(eqx.Module):
         return self.summary()
 
 
-def _bytes(n: int) -> str:
+def _bytes(count: int) -> str:
+    n = float(count)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -141,6 +141,7 @@ def run_step(
         args = []
         for pos, a in enumerate(eqns[i].ins):
             if pos == wpos:
+                assert isinstance(a, int)
                 args.append(sg(main[a]) if stop else main[a])
             else:
                 args.append(read_main(i, pos, a))

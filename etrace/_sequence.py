@@ -96,12 +96,14 @@ def online_grad(
                 )
         step = jax.vmap(learner.step, in_axes=(None, 0, 0))
 
-        def loss_of_step(y, target):
+        def loss_of_step(y: Any, target: Any) -> Any:
             return jnp.mean(jax.vmap(loss_fn)(y, target))
 
     else:
         step = learner.step
-        loss_of_step = loss_fn
+
+        def loss_of_step(y: Any, target: Any) -> Any:
+            return loss_fn(y, target)
 
     def step_loss(model, ts, x, target, weight):
         y, ts = step(model, ts, x)
@@ -185,7 +187,7 @@ class Comparison:
     - `online`, `bptt`: the two gradient pytrees.
     """
 
-    rows: dict[str, tuple[float, float, float, float]]
+    rows: dict[str, tuple[float, ...]]
     online: Any
     bptt: Any
 

@@ -28,15 +28,11 @@ try:
 except ImportError:  # pytest is only needed for the fixture
     pytest = None
 
-if pytest is not None:
 
-    @pytest.fixture
-    def x64():
-        """A pytest fixture that runs the test in float64."""
-        with float64():
-            yield
+def _x64():
+    """A pytest fixture that runs the test in float64."""
+    with float64():
+        yield
 
-else:  # pragma: no cover
 
-    def x64():
-        raise ImportError("The `x64` fixture needs pytest: `pip install pytest`.")
+x64 = _x64 if pytest is None else pytest.fixture(name="x64")(_x64)
