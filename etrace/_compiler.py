@@ -57,7 +57,8 @@ def is_state_index(x: Any) -> bool:
     return isinstance(x, eqx.nn.StateIndex)
 
 
-def _keystr(path: Any) -> str:
+def keystr(path: Any) -> str:
+    """A key path as a readable parameter path: `cell.weight_ih`."""
     s = jtu.keystr(path)
     return s[1:] if s.startswith(".") else s
 
@@ -88,7 +89,7 @@ def model_layout(model: Any) -> ModelLayout:
     }
     dynamic, static = eqx.partition(model, eqx.is_array)
     with_path, treedef = jtu.tree_flatten_with_path(dynamic)
-    paths = tuple(_keystr(p) for p, _ in with_path)
+    paths = tuple(keystr(p) for p, _ in with_path)
     is_param = tuple(
         bool(eqx.is_inexact_array(x)) and id(x) not in init_ids for _, x in with_path
     )
@@ -102,7 +103,7 @@ def state_names(model: Any, state: Any) -> list[str]:
         where = {}
         for path, leaf in jtu.tree_flatten_with_path(model, is_leaf=is_state_index)[0]:
             if is_state_index(leaf):
-                where[leaf.marker] = _keystr(path)
+                where[leaf.marker] = keystr(path)
         names = []
         for marker, value in state._state.items():  # pyright: ignore
             base = where.get(marker, str(marker))

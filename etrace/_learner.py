@@ -14,7 +14,7 @@ from jaxtyping import Array, Int, PyTree
 
 from ._algorithm.base import AbstractAlgorithm
 from ._algorithm.d_rtrl import D_RTRL
-from ._compiler import _Leaf, analyse, Compiled, initial_state, split_model
+from ._compiler import _Leaf, analyse, Compiled, initial_state, keystr, split_model
 from ._errors import EtraceError
 from ._graph import Graph
 from ._runtime import run_step
@@ -327,8 +327,7 @@ def _static_equal(a: Any, b: Any) -> bool:
 
 def _structure_message(model: Any, c: Compiled) -> str:
     dynamic, _ = eqx.partition(model, eqx.is_array)
-    paths = [jtu.keystr(p) for p, _ in jtu.tree_flatten_with_path(dynamic)[0]]
-    paths = [p[1:] if p.startswith(".") else p for p in paths]
+    paths = [keystr(p) for p, _ in jtu.tree_flatten_with_path(dynamic)[0]]
     detail = ""
     for a, b in zip(paths, c.layout.paths):
         if a != b:

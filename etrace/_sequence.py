@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, PyTree
 
+from ._compiler import keystr
 from ._errors import EtraceError
 from ._learner import Learner, TraceState
 
@@ -216,8 +217,7 @@ def gradient_table(online: Any, bptt: Any) -> dict[str, tuple[float, ...]]:
         nb = float(jnp.linalg.norm(b))
         err = float(jnp.linalg.norm(a - b)) / nb if nb > 0 else float(na > 0)
         cos = float(jnp.dot(a, b)) / (na * nb) if na > 0 and nb > 0 else float(na == nb)
-        key = jtu.keystr(path)
-        rows[key[1:] if key.startswith(".") else key] = (err, cos, na, nb)
+        rows[keystr(path)] = (err, cos, na, nb)
     return rows
 
 
