@@ -153,6 +153,7 @@ class Learner(eqx.Module):
             [jnp.asarray(s) for s in state_leaves],
             [jnp.asarray(v) for v in x_leaves],
             trace_state.traces,
+            trace_state.t,
         )
         new = TraceState(
             state=jtu.tree_unflatten(c.state_def, new_state),

@@ -37,11 +37,14 @@ class Jacobians(eqx.Module):
     - `Df`: per unit name, `Df[b, w, f, k]` = d h_k^t[n(b,w,f)] / d y^t[b, w, f],
         shape `(B, Fw, Fx, K)`.
     - `x`: per unit name, the weight op's input in canonical form `(B, Fx, C)`.
+    - `t`: the index of this step since `init`/`reset` (`TraceState.t` before the
+        step), for rules that depend on it (e.g. a warm-up bias correction).
     """
 
     D: dict[str, Any]
     Df: dict[str, Any]
     x: dict[str, Any]
+    t: Any
 
 
 def _flat(a: Any) -> Any:
@@ -122,6 +125,7 @@ def run_step(
     state_leaves: list[Any],
     x_leaves: list[Any],
     traces: dict[str, Any],
+    t: Any,
 ) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """Evaluates one step; returns output leaves, new state leaves and new traces."""
     program = compiled.program
@@ -222,6 +226,7 @@ def run_step(
             D={group.name: D},
             Df={u.name: d for u, d in zip(units, Df)},
             x=xs,
+            t=t,
         )
         mine = {u.name: traces[u.name] for u in units}
         updated = algorithm.update(sub, mine, jac)

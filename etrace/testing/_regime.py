@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._algorithm.d_rtrl import D_RTRL
+from .._algorithm.es_d_rtrl import ES_D_RTRL
 from .._errors import EtraceError
 from .._learner import compile as _compile, Learner
 
@@ -35,8 +36,9 @@ class Regime:
         return "not exact:\n" + "\n".join(f"  - {r}" for r in self.reasons)
 
 
-def _diagonal_rule(learner: Learner) -> Regime:
+def _diagonal_rule(learner: Learner, algorithm: Any) -> Regime:
     """D-RTRL is exact for a group whose recurrences are all element-wise."""
+    del algorithm
     c = learner.compiled
     groups = learner.graph.groups
     inexact: dict[int, str] = {}
@@ -84,11 +86,57 @@ def _diagonal_rule(learner: Learner) -> Regime:
     return Regime(all(params.values()), params, tuple(reasons))
 
 
-_RULES: dict[type, Callable[[Learner], Regime]] = {D_RTRL: _diagonal_rule}
+def _memoryless(learner: Learner, g: int) -> bool:
+    """Whether a group's update never reads its previous state."""
+    c = learner.compiled
+    prev = {c.state_vars[j] for j in learner.graph.groups[g].leaves}
+    program = c.program
+    reads = any(a in prev for i in c.group_tail[g] for a in program.eqns[i].ins)
+    passthrough = any(s in prev for s in c.sinks[g])
+    return not reads and not passthrough
 
 
-def register_exact_regime(algorithm_type: type, rule: Callable[[Learner], Regime]):
-    """Registers the exactness rule of an algorithm type (for custom algorithms)."""
+def _smoothed_rule(learner: Learner, algorithm: Any) -> Regime:
+    """ES-D-RTRL is exact where D-RTRL is and, in addition, nothing has memory."""
+    base = _diagonal_rule(learner, algorithm)
+    decay = getattr(algorithm, "decay", 0.0)
+    groups = learner.graph.groups
+    remembering = [g.name for i, g in enumerate(groups) if not _memoryless(learner, i)]
+    if decay == 0.0 and not remembering:
+        return base
+    reasons = list(base.reasons)
+    if remembering:
+        reasons.append(
+            f"the hidden group(s) {remembering} have memory: the factorised input "
+            "and output traces each carry history, so their product is not the "
+            "D-RTRL trace"
+        )
+    else:
+        reasons.append(
+            f"decay {decay} > 0 on memoryless layers smooths the gradient over time"
+        )
+    traced = {
+        learner.compiled.layout.paths[k]
+        for u in learner.graph.units
+        for k in u.site.params
+    }
+    params = {p: ok and p not in traced for p, ok in base.params.items()}
+    return Regime(False, params, tuple(reasons))
+
+
+_RULES: dict[type, Callable[[Learner, Any], Regime]] = {
+    D_RTRL: _diagonal_rule,
+    ES_D_RTRL: _smoothed_rule,
+}
+
+
+def register_exact_regime(
+    algorithm_type: type, rule: Callable[[Learner, Any], Regime]
+) -> None:
+    """Registers the exactness rule of an algorithm type (for custom algorithms).
+
+    `rule(learner, algorithm)` returns a `Regime`.
+    """
     _RULES[algorithm_type] = rule
 
 
@@ -127,7 +175,7 @@ def exact_regime(
         learner, _ = _compile(model, sample_input, algorithm=algorithm, state=state)
     for kind in type(algorithm).__mro__:
         if kind in _RULES:
-            return _RULES[kind](learner)
+            return _RULES[kind](learner, algorithm)
     return Regime(
         False,
         {p: False for p in learner.compiled.layout.paths},
