@@ -1,0 +1,55 @@
+"""Changing an algorithm's behaviour by wrapping it, in the way of diffrax's
+`HalfSolver`: the wrapper holds the inner algorithm and overrides one method."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxtyping import Array, PyTree
+
+from .._graph import Graph
+from .base import AbstractAlgorithm
+
+
+class AbstractWrappedAlgorithm(AbstractAlgorithm):
+    """An algorithm that delegates to `inner` everything it does not override.
+
+    Subclass it and override `update` (e.g. to clip the traces after the inner
+    update) or `gradients` (e.g. to clip the read-out). `init` keeps the inner
+    algorithm's trace structure, so a wrapped learner's `TraceState` has the same
+    shapes as the inner one's.
+
+    !!! Example
+
+        ```python
+        class ClipTraces(etrace.AbstractWrappedAlgorithm):
+            inner: etrace.AbstractAlgorithm
+            bound: float
+
+            def update(self, graph, traces, jac):
+                new = self.inner.update(graph, traces, jac)
+                return jax.tree.map(lambda t: jnp.clip(t, -self.bound, self.bound), new)
+
+        clipped = ClipTraces(etrace.D_RTRL(), 1.0)
+        learner, ts = etrace.compile(model, x0, algorithm=clipped)
+        ```
+    """
+
+    inner: AbstractAlgorithm
+
+    def init(self, graph: Graph) -> dict[str, PyTree[Array]]:
+        return self.inner.init(graph)
+
+    def update(
+        self, graph: Graph, traces: dict[str, PyTree[Array]], jac: Any
+    ) -> dict[str, PyTree[Array]]:
+        return self.inner.update(graph, traces, jac)
+
+    def gradients(
+        self,
+        graph: Graph,
+        traces: dict[str, PyTree[Array]],
+        signal: dict[str, Array],
+        jac: Any,
+    ) -> dict[str, Array]:
+        return self.inner.gradients(graph, traces, signal, jac)
