@@ -157,6 +157,11 @@ class Compiled:
     # op's input depends on (how temporal layers connect; used by exactness rules).
     x_deps: dict[str, tuple[int, int]]
     one_step_reads: tuple[str, ...]
+    # For whole-state algorithms: the equations upstream of any hidden state, the
+    # parameter-only variables, and the parameters (dynamic-leaf indices) involved.
+    anc_all: frozenset[int]
+    param_only_vars: frozenset[int]
+    joint_params: tuple[int, ...]
 
     @property
     def state_vars(self) -> list[int]:
@@ -535,18 +540,51 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
         group_tail.append(tuple(sorted(gt)))
         full, _ = _backward(program, ints, lambda v: False)
         anc.append(full)
+    anc_all = frozenset().union(*anc) if anc else frozenset()
+    param_only_vars = frozenset(v for v in pmask if v not in dyn)
+    joint_bits = 0
+    for i in anc_all:
+        if any(o in dyn for o in eqns[i].outs):
+            for a in eqns[i].ins:
+                if isinstance(a, int) and a in param_only_vars:
+                    joint_bits |= pmask[a]
+    joint_params = tuple(i for i in range(n_dyn) if joint_bits >> i & 1)
+    graph = dataclasses.replace(
+        graph,
+        hidden_size=sum(g.n * g.k for g in groups),
+        params=tuple(
+            (layout.paths[i], tuple(layout.avals[i].shape), layout.avals[i].dtype)
+            for i in joint_params
+        ),
+    )
     tail_vars = {o for i in tail for o in eqns[i].outs}
     modes: dict[tuple[int, int], str] = {}
     one_step_reads: list[str] = []
 
+    # The groups whose update computes each tail value (or consumes each site).
+    owners: dict[int, set[int]] = {}
+    for gi, gt in enumerate(group_tail):
+        for i in gt:
+            for o in eqns[i].outs:
+                owners.setdefault(o, set()).add(gi)
+    for u in units:
+        owners.setdefault(u.site.out, set()).add(groups.index(u.group))
+
+    def feeds_back(reader: int | None, v: int) -> bool:
+        """Whether `reader` is upstream of the group(s) that computed `v`."""
+        return reader is not None and any(reader in anc[g] for g in owners.get(v, ()))
+
     def mode_for(reader: int | None, v: _ir.Operand) -> str:
+        # A reader upstream of the same group's new state (a recurrent weight's
+        # input, a peephole) sees the value as the update computed it: paths back
+        # into the group through weights are what the diagonal traces leave out.
         if not isinstance(v, int):
             return "plain"
         if v in sink_group:
-            if reader is not None and reader in anc[sink_group[v]]:
-                return "live"
-            return "hooked"
+            return "tail" if feeds_back(reader, v) else "hooked"
         if v in tail_vars:
+            if feeds_back(reader, v):
+                return "tail"
             one_step_reads.append(
                 _labels.describe(eqns[program.producer[v]])
                 if reader is None
@@ -554,7 +592,7 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
             )
             return "live"
         if v in site_of_out and site_of_out[v].kind == "matrix":
-            return "live"
+            return "tail" if feeds_back(reader, v) else "live"
         return "plain"
 
     for i, e in enumerate(eqns):
@@ -582,15 +620,6 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
         sites,
         n_y,
     )
-    one_step = [layout.paths[i] for i, (r, _) in enumerate(roles) if r == "one-step*"]
-    if one_step:
-        warnings.warn(
-            "These parameters reach the hidden state only through another weight "
-            f"op, so they are learned with a one-step gradient: {one_step}. "
-            "See `learner.summary()`.",
-            EtraceWarning,
-            stacklevel=3,
-        )
     if one_step_reads:
         warnings.warn(
             "The output or a later layer reads a value computed inside the "
@@ -631,6 +660,9 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
         skeleton=skeleton,
         x_deps=x_deps,
         one_step_reads=tuple(sorted(set(one_step_reads))),
+        anc_all=anc_all,
+        param_only_vars=param_only_vars,
+        joint_params=joint_params,
     )
 
 
@@ -664,6 +696,22 @@ def _group_dependencies(program, groups, state_vars, sink_group, units):
         else:
             out[u.name] = (0, 0)
     return out
+
+
+def warn_one_step(compiled: Compiled) -> None:
+    """Warns about parameters that per-group algorithms learn one-step."""
+    layout = compiled.layout
+    one_step = [
+        layout.paths[i] for i, (r, _) in enumerate(compiled.roles) if r == "one-step*"
+    ]
+    if one_step:
+        warnings.warn(
+            "These parameters reach the hidden state only through another weight "
+            f"op, so they are learned with a one-step gradient: {one_step}. "
+            "See `learner.summary()`.",
+            EtraceWarning,
+            stacklevel=3,
+        )
 
 
 def site_out_set(site_of_out: dict[int, Site]) -> list[int]:

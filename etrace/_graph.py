@@ -136,14 +136,22 @@ class Graph:
 
     - `groups`: the hidden groups, in state-leaf order.
     - `units`: the traced (site, group) pairs, grouped by group in that order.
+    - `hidden_size`: the number of hidden values of all groups together (the length
+        of the hidden vector that whole-state algorithms such as `RTRL` use, in group
+        order, each leaf flattened).
+    - `params`: for whole-state algorithms, `(path, shape, dtype)` of every parameter
+        that reaches a hidden state, by any path.
     """
 
     groups: tuple[Group, ...]
     units: tuple[Unit, ...]
+    hidden_size: int = 0
+    params: tuple[tuple[str, tuple[int, ...], Any], ...] = ()
 
     def subgraph(self, group: Group) -> Graph:
         """The graph restricted to one hidden group."""
-        return Graph((group,), tuple(u for u in self.units if u.group is group))
+        units = tuple(u for u in self.units if u.group is group)
+        return Graph((group,), units, group.n * group.k, ())
 
     def unit_bytes(self, unit: Unit, per_element: int) -> int:
         return math.prod(unit.shape) * unit.k * per_element

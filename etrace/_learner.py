@@ -14,7 +14,15 @@ from jaxtyping import Array, Int, PyTree
 
 from ._algorithm.base import AbstractAlgorithm
 from ._algorithm.d_rtrl import D_RTRL
-from ._compiler import _Leaf, analyse, Compiled, initial_state, keystr, split_model
+from ._compiler import (
+    _Leaf,
+    analyse,
+    Compiled,
+    initial_state,
+    keystr,
+    split_model,
+    warn_one_step,
+)
 from ._errors import EtraceError
 from ._graph import Graph
 from ._runtime import run_step
@@ -240,6 +248,8 @@ class Learner(eqx.Module):
                 f"m.cell.weight_hh`), but it selected {type(leaf).__name__}."
             )
         path = c.layout.paths[leaf.index]
+        if path in trace_state.traces:  # whole-state algorithms key traces by path
+            return {"hidden": trace_state.traces[path]}
         out: dict[str, list[Any]] = {}
         for u in self.graph.units:
             if leaf.index in u.site.params:
@@ -275,23 +285,24 @@ class Learner(eqx.Module):
         rows = []
         for k, path in enumerate(c.layout.paths):
             role, why = c.roles[k]
-            units = [u for u in self.graph.units if k in u.site.params]
+            if path in traces:  # whole-state algorithms key traces by path
+                keys = [path]
+            else:
+                keys = [u.name for u in self.graph.units if k in u.site.params]
             shapes = []
             nbytes = 0
-            for u in units:
+            for key in keys:
                 shapes.append(
-                    "/".join(
-                        str(tuple(x.shape)) for x in jtu.tree_leaves(traces[u.name])
-                    )
+                    "/".join(str(tuple(x.shape)) for x in jtu.tree_leaves(traces[key]))
                 )
-                nbytes += itemsize[u.name]
+                nbytes += itemsize[key]
             rows.append(
                 (
                     path,
                     str(tuple(c.layout.avals[k].shape)),
                     role,
                     ", ".join(shapes) or "-",
-                    _bytes(nbytes) if units else "-",
+                    _bytes(nbytes) if keys else "-",
                     why,
                 )
             )
@@ -400,5 +411,7 @@ def compile(
         )
     state = initial_state(model, state)
     compiled = analyse(model, sample_input, state)
+    if getattr(algorithm, "routing", "group") == "group":
+        warn_one_step(compiled)
     learner = Learner(algorithm, compiled, _clone(state))
     return learner, learner.init()

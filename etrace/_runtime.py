@@ -8,7 +8,9 @@ Each equation reads one of several versions of its operands:
 * outside the tail, a new hidden state is read through its group's *hook*: a
   `custom_vjp` identity whose backward pass turns the cotangent `dL/dh` into parameter
   gradients with the algorithm's read-out. Readers that feed back into the same
-  group's update read the un-hooked (live) value instead;
+  group's update (a recurrent weight's input, a peephole) read the value as the tail
+  computed it, so no gradient outside the algorithm's equations reaches the traced
+  parameters;
 * a value from inside the tail read outside it (other than the new state) is
   recomputed with live parameters: a one-step gradient, which the compiler warns about.
 """
@@ -39,12 +41,18 @@ class Jacobians(eqx.Module):
     - `x`: per unit name, the weight op's input in canonical form `(B, Fx, C)`.
     - `t`: the index of this step since `init`/`reset` (`TraceState.t` before the
         step), for rules that depend on it (e.g. a warm-up bias correction).
+    - `J`: for whole-state algorithms, the full hidden-to-hidden Jacobian
+        `dh^t/dh^{t-1}` of shape `(H, H)` (through every weight), else `None`.
+    - `Jtheta`: for whole-state algorithms, per parameter path the immediate Jacobian
+        `dh^t/dtheta` of shape `(H, *theta.shape)`, else `None`.
     """
 
     D: dict[str, Any]
     Df: dict[str, Any]
     x: dict[str, Any]
     t: Any
+    J: Any = None
+    Jtheta: Any = None
 
 
 def _flat(a: Any) -> Any:
@@ -128,6 +136,12 @@ def run_step(
     t: Any,
 ) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """Evaluates one step; returns output leaves, new state leaves and new traces."""
+    if getattr(algorithm, "routing", "group") == "joint":
+        from ._joint import run_step_joint
+
+        return run_step_joint(
+            compiled, algorithm, dyn_leaves, state_leaves, x_leaves, traces, t
+        )
     program = compiled.program
     eqns = program.eqns
     n_eqns = len(eqns)
@@ -189,6 +203,8 @@ def run_step(
             return hooked[v]  # pyright: ignore
         if mode == "live":
             return read_live(v)
+        if mode == "tail":
+            return read_tail(v)
         return v.val if isinstance(v, _ir.Lit) else main[v]
 
     def read_main(i: int, pos: int, v: _ir.Operand) -> Any:

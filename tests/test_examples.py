@@ -41,3 +41,20 @@ def test_memory_benchmark_smoke(tmp_path):
     )
     assert len(rows) == 2
     assert json.loads(out.read_text())
+
+
+def test_user_test_file_example_passes(tmp_path):
+    # The page "Testing your model's online gradients" ships this file for users to
+    # copy; run it where a user would, outside this project's pytest settings.
+    import shutil
+    import subprocess
+
+    target = tmp_path / "test_my_model.py"
+    shutil.copy(ROOT / "examples" / "test_my_model.py", target)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(target)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -114,8 +114,17 @@ def liveness(model: Any, xs: Any, *, state: Any = None) -> Liveness:
         where = e.source.strip() or f"equation {i}"
         if e.name in _SATURATING:
             name = "sigmoid" if e.name == "logistic" else e.name
-            saturation[f"{name} at {where}"] = float(jnp.mean(value))
+            _unique(saturation, f"{name} at {where}", float(jnp.mean(value)))
         elif bool(jnp.all(binary)):
             fn = e.params.get("name", e.name)
-            rates[f"{fn} at {where}"] = float(jnp.mean(value))
+            _unique(rates, f"{fn} at {where}", float(jnp.mean(value)))
     return Liveness(rates, saturation)
+
+
+def _unique(table: dict[str, float], key: str, value: float) -> None:
+    """Adds `value` under `key`, numbering repeats (one layer class used twice)."""
+    name, count = key, 1
+    while name in table:
+        count += 1
+        name = f"{key} #{count}"
+    table[name] = value

@@ -29,10 +29,13 @@ except ImportError:  # pytest is only needed for the fixture
     pytest = None
 
 
-def _x64():
+def _x64(request):
     """A pytest fixture that runs the test in float64."""
-    with float64():
-        yield
+    # Not a generator: runtime type-checking hooks wrap fixtures in plain functions,
+    # which would hand the test the generator instead of running it.
+    old = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    request.addfinalizer(lambda: jax.config.update("jax_enable_x64", old))
 
 
 x64 = _x64 if pytest is None else pytest.fixture(name="x64")(_x64)

@@ -8,6 +8,7 @@ from typing import Any
 
 from .._algorithm.d_rtrl import D_RTRL
 from .._algorithm.es_d_rtrl import ES_D_RTRL
+from .._algorithm.rtrl import RTRL
 from .._errors import EtraceError
 from .._learner import compile as _compile, Learner
 
@@ -124,7 +125,21 @@ def _smoothed_rule(learner: Learner, algorithm: Any) -> Regime:
     return Regime(False, params, tuple(reasons))
 
 
+def _full_rule(learner: Learner, algorithm: Any) -> Regime:
+    """RTRL is exact unless a value is read from inside an update (one-step)."""
+    del algorithm
+    c = learner.compiled
+    if not c.one_step_reads:
+        return Regime(True, {p: True for p in c.layout.paths}, ())
+    reason = (
+        "a value from inside the recurrent update is read before it is stored as "
+        f"state ({c.one_step_reads[0]}): that path is one-step"
+    )
+    return Regime(False, {p: False for p in c.layout.paths}, (reason,))
+
+
 _RULES: dict[type, Callable[[Learner, Any], Regime]] = {
+    RTRL: _full_rule,
     D_RTRL: _diagonal_rule,
     ES_D_RTRL: _smoothed_rule,
 }

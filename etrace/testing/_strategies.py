@@ -111,7 +111,7 @@ def sequences(
         sample = case_or_sample
         target = jnp.zeros(()) if targets is None else targets
 
-    def make(length, seed, scale):
+    def Sequence(length, seed, scale):  # named for readable shrunk examples
         k1, k2 = jr.split(jr.key(seed))
 
         def draw(tree, key, s):
@@ -130,7 +130,7 @@ def sequences(
         )
 
     return st.builds(
-        make,
+        Sequence,
         length=st.integers(*length),
         seed=st.integers(0, 2**16),
         scale=st.floats(*scale),

@@ -1,0 +1,160 @@
+"""One step for whole-state algorithms (RTRL and its relatives).
+
+These algorithms keep `M = dh/dtheta` for the whole hidden vector `h` (every hidden
+group, flattened, in group order) and read gradients out as `c^T M`, with `c` the
+gradient of this step's loss with respect to the new hidden state *holding the other
+hidden values fixed*. So, unlike the per-group routing of `_runtime`, every
+computation upstream of a hidden state runs with parameters under `stop_gradient`,
+and one hook over all hidden values (placed after the last of them) hands `c` to
+the read-out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from . import _ir
+from ._compiler import Compiled
+from ._runtime import Jacobians
+
+
+def _hidden_leaves(compiled: Compiled) -> list[int]:
+    return [j for g in compiled.graph.groups for j in g.leaves]
+
+
+def _make_hook(algorithm: Any, graph: Any, dtypes: list[Any]):
+    @jax.custom_vjp
+    def hook(leaves, params, traces, jac):
+        del params, traces, jac
+        return leaves
+
+    def fwd(leaves, params, traces, jac):
+        del params
+        return leaves, (traces, jac)
+
+    def bwd(res, cot):
+        traces, jac = res
+        signal = jnp.concatenate([jnp.reshape(c, (-1,)) for c in cot])
+        grads = algorithm.gradients(graph, traces, {"hidden": signal}, jac)
+        params = [
+            grads[path].astype(dt) for (path, _, _), dt in zip(graph.params, dtypes)
+        ]
+        return cot, params, None, None
+
+    hook.defvjp(fwd, bwd)
+    return hook
+
+
+def run_step_joint(compiled, algorithm, dyn_leaves, state_leaves, x_leaves, traces, t):
+    program = compiled.program
+    eqns = program.eqns
+    anc = compiled.anc_all
+    sg = jax.lax.stop_gradient
+    hidden = _hidden_leaves(compiled)
+    state_vars = compiled.state_vars
+    out_state = program.outvars[compiled.n_y :]
+    sinks = [out_state[j] for j in hidden]
+    main: dict[int, Any] = dict(program.consts)
+    main.update(zip(program.invars, list(dyn_leaves) + state_leaves + x_leaves))
+    upstream: dict[int, Any] = {}
+    live: dict[int, Any] = {}
+
+    def is_param_only(i: int) -> bool:
+        return all(o in compiled.param_only_vars for o in eqns[i].outs)
+
+    def read_up(a: _ir.Operand) -> Any:
+        if isinstance(a, _ir.Lit):
+            return a.val
+        if a in compiled.param_only_vars:
+            return sg(main[a])
+        return upstream[a] if a in upstream else main[a]
+
+    # 1. Everything upstream of a hidden state, parameters under stop_gradient.
+    for i in sorted(anc):
+        e = eqns[i]
+        if is_param_only(i):
+            main.update(zip(e.outs, _ir.bind(e, *(_plain(main, a) for a in e.ins))))
+        else:
+            upstream.update(zip(e.outs, _ir.bind(e, *(read_up(a) for a in e.ins))))
+
+    # 2. The transition h^{t-1}, theta -> h^t, and its full Jacobians.
+    params = [dyn_leaves[i] for i in compiled.joint_params]
+    prev = [state_leaves[j] for j in hidden]
+
+    def transition(ps, hs):
+        env: dict[int, Any] = dict(program.consts)
+        env.update(zip(program.invars, list(dyn_leaves) + state_leaves + x_leaves))
+        for i, p in zip(compiled.joint_params, ps):
+            env[program.invars[i]] = p
+        for j, h in zip(hidden, hs):
+            env[state_vars[j]] = h
+        _ir.evaluate(program, sorted(anc), env)
+        return [s.val if isinstance(s, _ir.Lit) else env[s] for s in sinks]
+
+    ps0 = [sg(p) for p in params]
+    hs0 = [sg(h) for h in prev]
+    new_hidden, pullback = jax.vjp(transition, ps0, hs0)
+    size = compiled.graph.hidden_size
+    eye = jnp.eye(size, dtype=compiled.graph.groups[0].dtype)
+    offsets = [0]
+    for h in new_hidden:
+        offsets.append(offsets[-1] + h.size)
+    cots = [
+        eye[:, a:b].reshape((size,) + h.shape)
+        for a, b, h in zip(offsets[:-1], offsets[1:], new_hidden)
+    ]
+    d_params, d_prev = jax.vmap(pullback)(cots)
+    J = jnp.concatenate([jnp.reshape(d, (size, -1)) for d in d_prev], axis=1)
+    Jtheta = {path: d for (path, _, _), d in zip(compiled.graph.params, d_params)}
+    jac = Jacobians(D={}, Df={}, x={}, t=t, J=J, Jtheta=Jtheta)
+    new_traces = jtu.tree_map(sg, algorithm.update(compiled.graph, traces, jac))
+
+    # 3. One hook over all hidden values; everything downstream reads through it.
+    upstream_sinks = [read_up(s) for s in sinks]
+    hook = _make_hook(algorithm, compiled.graph, [jnp.result_type(p) for p in params])
+    hooked_vals = hook(upstream_sinks, params, new_traces, jtu.tree_map(sg, jac))
+    hooked = {s: v for s, v in zip(sinks, hooked_vals) if isinstance(s, int)}
+
+    def read_live(a: _ir.Operand) -> Any:
+        if isinstance(a, _ir.Lit):
+            return a.val
+        p = program.producer.get(a)
+        if p is None or p not in anc or a in compiled.param_only_vars:
+            return main[a]
+        if a not in live:
+            e = eqns[p]
+            live.update(zip(e.outs, _ir.bind(e, *(read_live(b) for b in e.ins))))
+        return live[a]
+
+    def read_down(a: _ir.Operand) -> Any:
+        if isinstance(a, _ir.Lit):
+            return a.val
+        if a in hooked:
+            return hooked[a]
+        if a in upstream:
+            return read_live(a)
+        return main[a]
+
+    for i in range(len(eqns)):
+        if i in anc:
+            continue
+        e = eqns[i]
+        main.update(zip(e.outs, _ir.bind(e, *(read_down(a) for a in e.ins))))
+
+    y = [read_down(v) for v in program.outvars[: compiled.n_y]]
+    new_state = []
+    for v, aval in zip(out_state, compiled.state_avals):
+        if isinstance(v, _ir.Lit):
+            val = jnp.asarray(v.val, aval.dtype)
+        else:
+            val = upstream[v] if v in upstream else main[v]
+        new_state.append(sg(jnp.broadcast_to(val, aval.shape)))
+    return y, new_state, new_traces
+
+
+def _plain(env: dict[int, Any], a: _ir.Operand) -> Any:
+    return a.val if isinstance(a, _ir.Lit) else env[a]
