@@ -52,7 +52,18 @@ def test_user_test_file_example_passes(tmp_path):
     target = tmp_path / "test_my_model.py"
     shutil.copy(ROOT / "examples" / "test_my_model.py", target)
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(target)],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            # With runtime type checks on, as in this project's own suite: the
+            # `x64` fixture must still run.
+            "--jaxtyping-packages=etrace,beartype.beartype",
+            str(target),
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

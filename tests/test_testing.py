@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
@@ -145,3 +146,36 @@ def test_imports_without_hypothesis():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_recurrent_input_computed_in_the_update_is_not_a_one_step_read():
+    class Rec(eqx.Module):
+        w: jax.Array
+        u: jax.Array
+        r: jax.Array
+
+        def __call__(self, x, h):
+            z = jnp.tanh(h)
+            h = 0.5 * z + self.w @ x + self.u @ z
+            return self.r @ h, h
+
+    k = jax.random.split(jax.random.key(0), 3)
+    model = Rec(
+        *(jax.random.normal(kk, s) for kk, s in zip(k, [(3, 2), (3, 3), (2, 3)]))
+    )
+    # Warnings are errors in this suite: compiling must not warn.
+    learner, ts = etrace.compile(model, jnp.zeros(2), state=jnp.zeros(3))
+    regime = et.exact_regime(etrace.D_RTRL(), learner)
+    assert regime.params == {"w": False, "u": False, "r": True}
+    xs, ys = data(0, 5, 2, 2)
+    et.assert_matches_bptt(learner, mse, model, ts, xs, ys, params="r")
+    et.assert_differs_from_bptt(learner, mse, model, ts, xs, ys, params="u")
+
+
+def test_liveness_keeps_layers_of_one_class_apart():
+    model, state = et.build("stack", 3, 4, 2, 0)
+    xs, _ = data(0, 8, 3, 2, scale=2.0)
+    dead = eqx.tree_at(lambda m: m.l1.thr, model, model.l1.thr + 100.0)
+    report = et.liveness(dead, xs, state=state)
+    assert len(report.rates) >= 2
+    assert not report.live
