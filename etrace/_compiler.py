@@ -698,6 +698,23 @@ def _group_dependencies(program, groups, state_vars, sink_group, units):
     return out
 
 
+def attach_pattern(compiled: Compiled, model: Any, sample_input: Any, state: Any):
+    """Gives the graph a lazily computed structural Jacobian pattern."""
+    dyn, _, _ = split_model(model)
+    state_leaves = [jnp.asarray(a) for a in jtu.tree_leaves(state)]
+    x_leaves = [jnp.asarray(a) for a in jtu.tree_leaves(sample_input)]
+    cache: list[Any] = []
+
+    def pattern():
+        if not cache:
+            from ._joint import jacobian_pattern
+
+            cache.append(jacobian_pattern(compiled, dyn, state_leaves, x_leaves))
+        return cache[0]
+
+    compiled.graph = dataclasses.replace(compiled.graph, pattern=pattern)
+
+
 def warn_one_step(compiled: Compiled) -> None:
     """Warns about parameters that per-group algorithms learn one-step."""
     layout = compiled.layout

@@ -147,6 +147,16 @@ class Graph:
     units: tuple[Unit, ...]
     hidden_size: int = 0
     params: tuple[tuple[str, tuple[int, ...], Any], ...] = ()
+    pattern: Any = None
+
+    def jacobian_pattern(self) -> tuple[Any, dict[str, Any]]:
+        """The structural non-zero pattern of the full hidden-to-hidden Jacobian
+        `(H, H)` and of each parameter's immediate Jacobian `(H, *shape)`, as NumPy
+        booleans (computed once, on first use; for sparse whole-state algorithms
+        such as `SnAp`)."""
+        if self.pattern is None:
+            raise ValueError("This graph carries no Jacobian pattern.")
+        return self.pattern()
 
     def subgraph(self, group: Group) -> Graph:
         """The graph restricted to one hidden group."""

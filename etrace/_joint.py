@@ -49,13 +49,87 @@ def _make_hook(algorithm: Any, graph: Any, dtypes: list[Any]):
     return hook
 
 
+def full_jacobians(compiled, dyn_leaves, state_leaves, x_leaves):
+    """`J = dh^t/dh^{t-1}` `(H, H)` and, per parameter path, `dh^t/dtheta`.
+
+    One pullback per hidden value (vmapped), in reverse mode so that `custom_vjp`
+    surrogates work.
+    """
+    program = compiled.program
+    sg = jax.lax.stop_gradient
+    hidden = _hidden_leaves(compiled)
+    state_vars = compiled.state_vars
+    sinks = [program.outvars[compiled.n_y + j] for j in hidden]
+    order = sorted(compiled.anc_all)
+
+    def transition(ps, hs):
+        env: dict[int, Any] = dict(program.consts)
+        env.update(zip(program.invars, list(dyn_leaves) + state_leaves + x_leaves))
+        for i, p in zip(compiled.joint_params, ps):
+            env[program.invars[i]] = p
+        for j, h in zip(hidden, hs):
+            env[state_vars[j]] = h
+        _ir.evaluate(program, order, env)
+        return [s.val if isinstance(s, _ir.Lit) else env[s] for s in sinks]
+
+    ps0 = [sg(dyn_leaves[i]) for i in compiled.joint_params]
+    hs0 = [sg(state_leaves[j]) for j in hidden]
+    new_hidden, pullback = jax.vjp(transition, ps0, hs0)
+    size = compiled.graph.hidden_size
+    eye = jnp.eye(size, dtype=compiled.graph.groups[0].dtype)
+    offsets = [0]
+    for h in new_hidden:
+        offsets.append(offsets[-1] + h.size)
+    cots = [
+        eye[:, a:b].reshape((size,) + h.shape)
+        for a, b, h in zip(offsets[:-1], offsets[1:], new_hidden)
+    ]
+    d_params, d_prev = jax.vmap(pullback)(cots)
+    J = jnp.concatenate([jnp.reshape(d, (size, -1)) for d in d_prev], axis=1)
+    Jtheta = {path: d for (path, _, _), d in zip(compiled.graph.params, d_params)}
+    return J, Jtheta
+
+
+def jacobian_pattern(compiled, dyn_leaves, state_leaves, x_leaves, draws=2):
+    """The structural non-zero pattern of `J` and `dh/dtheta`, as NumPy booleans.
+
+    Evaluated at random points around the given values (nothing depends on the
+    values being special), OR-ed over a few draws so that an accidental zero does
+    not drop an edge of the unit graph.
+    """
+    import numpy as np
+
+    J_pat = None
+    I_pat: dict[str, Any] = {}
+    rng = np.random.default_rng(0)
+
+    def jitter(leaves):
+        return [
+            a + rng.normal(size=np.shape(a)).astype(np.asarray(a).dtype)
+            if jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+            else a
+            for a in leaves
+        ]
+
+    with jax.ensure_compile_time_eval():
+        for _ in range(draws):
+            J, Jtheta = full_jacobians(
+                compiled, jitter(dyn_leaves), jitter(state_leaves), jitter(x_leaves)
+            )
+            nz = np.asarray(J) != 0
+            J_pat = nz if J_pat is None else J_pat | nz
+            for path, d in Jtheta.items():
+                nz = np.asarray(d) != 0
+                I_pat[path] = nz if path not in I_pat else I_pat[path] | nz
+    return J_pat, I_pat
+
+
 def run_step_joint(compiled, algorithm, dyn_leaves, state_leaves, x_leaves, traces, t):
     program = compiled.program
     eqns = program.eqns
     anc = compiled.anc_all
     sg = jax.lax.stop_gradient
     hidden = _hidden_leaves(compiled)
-    state_vars = compiled.state_vars
     out_state = program.outvars[compiled.n_y :]
     sinks = [out_state[j] for j in hidden]
     main: dict[int, Any] = dict(program.consts)
@@ -83,33 +157,7 @@ def run_step_joint(compiled, algorithm, dyn_leaves, state_leaves, x_leaves, trac
 
     # 2. The transition h^{t-1}, theta -> h^t, and its full Jacobians.
     params = [dyn_leaves[i] for i in compiled.joint_params]
-    prev = [state_leaves[j] for j in hidden]
-
-    def transition(ps, hs):
-        env: dict[int, Any] = dict(program.consts)
-        env.update(zip(program.invars, list(dyn_leaves) + state_leaves + x_leaves))
-        for i, p in zip(compiled.joint_params, ps):
-            env[program.invars[i]] = p
-        for j, h in zip(hidden, hs):
-            env[state_vars[j]] = h
-        _ir.evaluate(program, sorted(anc), env)
-        return [s.val if isinstance(s, _ir.Lit) else env[s] for s in sinks]
-
-    ps0 = [sg(p) for p in params]
-    hs0 = [sg(h) for h in prev]
-    new_hidden, pullback = jax.vjp(transition, ps0, hs0)
-    size = compiled.graph.hidden_size
-    eye = jnp.eye(size, dtype=compiled.graph.groups[0].dtype)
-    offsets = [0]
-    for h in new_hidden:
-        offsets.append(offsets[-1] + h.size)
-    cots = [
-        eye[:, a:b].reshape((size,) + h.shape)
-        for a, b, h in zip(offsets[:-1], offsets[1:], new_hidden)
-    ]
-    d_params, d_prev = jax.vmap(pullback)(cots)
-    J = jnp.concatenate([jnp.reshape(d, (size, -1)) for d in d_prev], axis=1)
-    Jtheta = {path: d for (path, _, _), d in zip(compiled.graph.params, d_params)}
+    J, Jtheta = full_jacobians(compiled, dyn_leaves, state_leaves, x_leaves)
     jac = Jacobians(D={}, Df={}, x={}, t=t, J=J, Jtheta=Jtheta)
     new_traces = jtu.tree_map(sg, algorithm.update(compiled.graph, traces, jac))
 

@@ -17,6 +17,7 @@ from ._algorithm.d_rtrl import D_RTRL
 from ._compiler import (
     _Leaf,
     analyse,
+    attach_pattern,
     Compiled,
     initial_state,
     keystr,
@@ -411,6 +412,7 @@ def compile(
         )
     state = initial_state(model, state)
     compiled = analyse(model, sample_input, state)
+    attach_pattern(compiled, model, sample_input, state)
     if getattr(algorithm, "routing", "group") == "group":
         warn_one_step(compiled)
     learner = Learner(algorithm, compiled, _clone(state))

@@ -9,6 +9,7 @@ from typing import Any
 from .._algorithm.d_rtrl import D_RTRL
 from .._algorithm.es_d_rtrl import ES_D_RTRL
 from .._algorithm.rtrl import RTRL
+from .._algorithm.snap import _masks, SnAp
 from .._errors import EtraceError
 from .._learner import compile as _compile, Learner
 
@@ -138,8 +139,26 @@ def _full_rule(learner: Learner, algorithm: Any) -> Regime:
     return Regime(False, {p: False for p in c.layout.paths}, (reason,))
 
 
+def _sparse_rule(learner: Learner, algorithm: Any) -> Regime:
+    """SnAp-n is RTRL once its mask covers everything reachable."""
+    base = _full_rule(learner, algorithm)
+    graph = learner.graph
+    full = _masks(graph, graph.hidden_size + 1)
+    mine = _masks(graph, algorithm.n)
+    cut = [p for p in full if (full[p] != mine[p]).any()]
+    if not cut:
+        return base
+    reason = (
+        f"SnAp({algorithm.n}) drops sensitivities that the unit graph reaches in more "
+        f"than {algorithm.n - 1} step(s), for {cut}"
+    )
+    params = {p: ok and p not in cut for p, ok in base.params.items()}
+    return Regime(False, params, base.reasons + (reason,))
+
+
 _RULES: dict[type, Callable[[Learner, Any], Regime]] = {
     RTRL: _full_rule,
+    SnAp: _sparse_rule,
     D_RTRL: _diagonal_rule,
     ES_D_RTRL: _smoothed_rule,
 }
