@@ -8,6 +8,7 @@ from ._algorithm.d_rtrl import D_RTRL as D_RTRL
 from ._algorithm.es_d_rtrl import ES_D_RTRL as ES_D_RTRL, pp_prop as pp_prop
 from ._algorithm.rtrl import RTRL as RTRL
 from ._algorithm.snap import SnAp as SnAp
+from ._algorithm.uoro import UORO as UORO
 from ._algorithm.wrapped import AbstractWrappedAlgorithm as AbstractWrappedAlgorithm
 from ._errors import EtraceError as EtraceError, EtraceWarning as EtraceWarning
 from ._graph import Graph as Graph, Group as Group, Site as Site, Unit as Unit

@@ -251,6 +251,9 @@ class Learner(eqx.Module):
         path = c.layout.paths[leaf.index]
         if path in trace_state.traces:  # whole-state algorithms key traces by path
             return {"hidden": trace_state.traces[path]}
+        theta = trace_state.traces.get("theta")
+        if isinstance(theta, dict) and path in theta:  # rank-one (UORO-like) traces
+            return {"hidden": (trace_state.traces["s"], theta[path])}
         out: dict[str, list[Any]] = {}
         for u in self.graph.units:
             if leaf.index in u.site.params:
@@ -287,16 +290,21 @@ class Learner(eqx.Module):
         for k, path in enumerate(c.layout.paths):
             role, why = c.roles[k]
             if path in traces:  # whole-state algorithms key traces by path
-                keys = [path]
+                found = {path: traces[path]}
+            elif isinstance(traces.get("theta"), dict) and path in traces["theta"]:
+                found = {path: traces["theta"][path]}  # rank-one traces
             else:
-                keys = [u.name for u in self.graph.units if k in u.site.params]
+                names = [u.name for u in self.graph.units if k in u.site.params]
+                found = {n: traces[n] for n in names if n in traces}
+            keys = list(found)
             shapes = []
             nbytes = 0
-            for key in keys:
-                shapes.append(
-                    "/".join(str(tuple(x.shape)) for x in jtu.tree_leaves(traces[key]))
+            for tree in found.values():
+                leaves = jtu.tree_leaves(tree)
+                shapes.append("/".join(str(tuple(x.shape)) for x in leaves))
+                nbytes += sum(
+                    math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves
                 )
-                nbytes += itemsize[key]
             rows.append(
                 (
                     path,
