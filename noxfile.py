@@ -25,7 +25,9 @@ def slow(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "etrace", "tests", "examples", "benchmarks")
-    session.run("ruff", "format", "--check", "etrace", "tests", "examples", "benchmarks")
+    session.run(
+        "ruff", "format", "--check", "etrace", "tests", "examples", "benchmarks"
+    )
 
 
 @nox.session
@@ -39,3 +41,4 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: print tables and write JSON under `benchmarks/results/`."""
     session.install("-e", ".[examples]")
     session.run("python", "benchmarks/memory.py", *session.posargs)
+    session.run("python", "benchmarks/algorithms.py")

@@ -69,3 +69,12 @@ def test_user_test_file_example_passes(tmp_path):
         text=True,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_algorithms_benchmark_smoke(tmp_path):
+    module = _load("benchmarks/algorithms.py")
+    out = tmp_path / "algorithms.json"
+    rows = module.main(["--hidden", "4", "--repeats", "1", "--out", str(out)])
+    assert {r["algorithm"] for r in rows} >= {"D-RTRL", "RTRL", "UORO"}
+    assert all(r["trace_bytes_per_example"] > 0 for r in rows)
+    assert json.loads(out.read_text())["results"]

@@ -1,0 +1,57 @@
+"""Invariants every algorithm keeps: chunked runs continue exactly, vmap equals a
+loop over examples, and the gradient has the model's structure."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import etrace
+import etrace.testing as et
+
+from .helpers import data, leaf_errors, mse
+
+
+ALGORITHMS = {
+    "d_rtrl": etrace.D_RTRL(),
+    "es_d_rtrl": etrace.ES_D_RTRL(decay=0.6, bias_correction=True),
+    "rtrl": etrace.RTRL(),
+    "snap2": etrace.SnAp(2),
+    "uoro": etrace.UORO(seed=3),
+}
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_chunks_vmap_and_structure(name):
+    model, state = et.build("lstm", 2, 3, 2, 4)
+    xs, ys = data(4, 6, 2, 2, batch=2)
+    learner, _ = etrace.compile(
+        model, xs[0, 0], state=state, algorithm=ALGORITHMS[name]
+    )
+    x1, y1 = xs[:, 0], ys[:, 0]
+    whole, ts_whole, _ = etrace.online_grad(learner, mse, model, learner.init(), x1, y1)
+    first, mid, _ = etrace.online_grad(
+        learner, mse, model, learner.init(), x1[:2], y1[:2]
+    )
+    second, ts_end, _ = etrace.online_grad(learner, mse, model, mid, x1[2:], y1[2:])
+    assert (
+        max(leaf_errors(whole, jax.tree.map(jnp.add, first, second)).values()) <= 1e-9
+    )
+    assert max(leaf_errors(ts_whole, ts_end).values()) <= 1e-9
+
+    batched, _, _ = etrace.online_grad(
+        learner, mse, model, learner.init(batch_size=2), xs, ys
+    )
+    loop = [
+        etrace.online_grad(learner, mse, model, learner.init(), xs[:, b], ys[:, b])[0]
+        for b in range(2)
+    ]
+    mean = jax.tree.map(lambda p, q: (p + q) / 2, *loop)
+    assert max(leaf_errors(batched, mean).values()) <= 1e-9
+    params = eqx.filter(model, eqx.is_inexact_array)
+    assert jax.tree.structure(whole) == jax.tree.structure(params)
+
+    zero, _, _ = etrace.online_grad(
+        learner, mse, model, learner.init(), x1, y1, mask=jnp.zeros(6)
+    )
+    assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree.leaves(zero))
