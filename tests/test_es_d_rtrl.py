@@ -2,7 +2,6 @@
 
 import equinox as eqx
 import hypothesis.strategies as st
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -150,28 +149,3 @@ def test_rank_and_alias():
 def test_argument_errors(kwargs, match):
     with pytest.raises(etrace.EtraceError, match=match):
         etrace.ES_D_RTRL(**kwargs)
-
-
-def test_vmap_and_chunks_with_es_d_rtrl():
-    model, state = et.build("alif", 3, 4, 2, 3)
-    xs, ys = data(3, 6, 3, 2, scale=2.0, batch=2)
-    learner, _ = etrace.compile(
-        model, xs[0, 0], state=state, algorithm=etrace.ES_D_RTRL(decay=0.7)
-    )
-    grads, _, _ = etrace.online_grad(
-        learner, mse, model, learner.init(batch_size=2), xs, ys
-    )
-    loop = [
-        etrace.online_grad(learner, mse, model, learner.init(), xs[:, b], ys[:, b])[0]
-        for b in range(2)
-    ]
-    mean = jax.tree.map(lambda p, q: (p + q) / 2, *loop)
-    assert max(leaf_errors(grads, mean).values()) <= 1e-9
-    x1, y1 = xs[:, 0], ys[:, 0]
-    whole, _, _ = etrace.online_grad(learner, mse, model, learner.init(), x1, y1)
-    first, mid, _ = etrace.online_grad(
-        learner, mse, model, learner.init(), x1[:2], y1[:2]
-    )
-    second, _, _ = etrace.online_grad(learner, mse, model, mid, x1[2:], y1[2:])
-    both = jax.tree.map(jnp.add, first, second)
-    assert max(leaf_errors(whole, both).values()) <= 1e-9

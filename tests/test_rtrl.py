@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 import etrace
 import etrace.testing as et
 
-from .helpers import data, f64, leaf_errors, LIF, mse, spike
+from .helpers import data, f64, LIF, mse, spike
 
 
 class TwoLayerTanh(eqx.Module):
@@ -122,28 +122,6 @@ def test_rtrl_is_exact_for_an_encoder_that_d_rtrl_learns_one_step():
         model, xs[0], state=jnp.zeros(5), algorithm=etrace.RTRL()
     )
     et.assert_matches_bptt(learner, mse, model, ts, xs, ys, require_live=False)
-
-
-def test_rtrl_vmap_loop_and_chunks():
-    model, state = _model("lstm", 2, 3, 2)
-    xs, ys = data(2, 6, 2, 2, batch=2)
-    learner, _ = etrace.compile(model, xs[0, 0], state=state, algorithm=etrace.RTRL())
-    batched, _, _ = etrace.online_grad(
-        learner, mse, model, learner.init(batch_size=2), xs, ys
-    )
-    loop = [
-        etrace.online_grad(learner, mse, model, learner.init(), xs[:, b], ys[:, b])[0]
-        for b in range(2)
-    ]
-    mean = jax.tree.map(lambda p, q: (p + q) / 2, *loop)
-    assert max(leaf_errors(batched, mean).values()) <= 1e-9
-    x1, y1 = xs[:, 0], ys[:, 0]
-    whole, _, _ = etrace.online_grad(learner, mse, model, learner.init(), x1, y1)
-    ts0 = learner.init()
-    first, mid, _ = etrace.online_grad(learner, mse, model, ts0, x1[:3], y1[:3])
-    second, _, _ = etrace.online_grad(learner, mse, model, mid, x1[3:], y1[3:])
-    both = jax.tree.map(jnp.add, first, second)
-    assert max(leaf_errors(whole, both).values()) <= 1e-9
 
 
 def test_rtrl_trace_of_and_summary():
