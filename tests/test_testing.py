@@ -124,7 +124,7 @@ def test_float64_context_restores():
     assert jax.config.read("jax_enable_x64") == before
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(case=et.model_families(("gru", "lstm", "rnn")), algorithm=et.algorithms())
 def test_strategies_draw_readable_cases(case, algorithm):
     assert "seed=" in repr(case)
@@ -133,6 +133,9 @@ def test_strategies_draw_readable_cases(case, algorithm):
         model, case.sample_input, state=state, algorithm=algorithm
     )
     assert learner.graph.units
+    xs, ys = data(case.seed, 3, case.n_in, case.n_out)
+    grads, _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
 def test_imports_without_hypothesis():

@@ -15,6 +15,10 @@ import jax.random as jr
 import jax.tree_util as jtu
 
 from .._algorithm.d_rtrl import D_RTRL
+from .._algorithm.es_d_rtrl import ES_D_RTRL
+from .._algorithm.rtrl import RTRL
+from .._algorithm.snap import SnAp
+from .._algorithm.uoro import UORO
 from ._families import build, FAMILIES
 
 
@@ -137,7 +141,27 @@ def sequences(
     )
 
 
-def algorithms() -> Any:
-    """A strategy of the algorithms etrace ships, with drawn hyper-parameters."""
+def algorithms(*, dense: bool = True) -> Any:
+    """A strategy of the algorithms etrace ships, with drawn hyper-parameters.
+
+    **Arguments:**
+
+    - `dense`: include the whole-state algorithms (`RTRL`, `SnAp`, `UORO`), whose
+        cost grows with the square of the hidden size; leave them out for large models.
+    """
     st = _st()
-    return st.sampled_from([D_RTRL()])
+    options = [
+        st.just(D_RTRL()),
+        st.builds(
+            ES_D_RTRL,
+            decay=st.floats(0.0, 0.95),
+            bias_correction=st.booleans(),
+        ),
+    ]
+    if dense:
+        options += [
+            st.just(RTRL()),
+            st.builds(SnAp, n=st.integers(1, 4)),
+            st.builds(UORO, seed=st.integers(0, 2**16)),
+        ]
+    return st.one_of(*options)
