@@ -155,7 +155,12 @@ class Graph:
         booleans (computed once, on first use; for sparse whole-state algorithms
         such as `SnAp`)."""
         if self.pattern is None:
-            raise ValueError("This graph carries no Jacobian pattern.")
+            from ._errors import EtraceError
+
+            raise EtraceError(
+                "This graph carries no Jacobian pattern: use the `learner.graph` "
+                "of a learner built by `etrace.compile`."
+            )
         return self.pattern()
 
     def subgraph(self, group: Group) -> Graph:

@@ -19,34 +19,22 @@ import jax.tree_util as jtu
 
 from . import _ir
 from ._compiler import Compiled
-from ._runtime import Jacobians
+from ._runtime import gradient_hook, Jacobians
 
 
 def _hidden_leaves(compiled: Compiled) -> list[int]:
     return [j for g in compiled.graph.groups for j in g.leaves]
 
 
-def _make_hook(algorithm: Any, graph: Any, dtypes: list[Any]):
-    @jax.custom_vjp
-    def hook(leaves, params, traces, jac):
-        del params, traces, jac
-        return leaves
-
-    def fwd(leaves, params, traces, jac):
-        del params
-        return leaves, (traces, jac)
-
-    def bwd(res, cot):
-        traces, jac = res
+def _joint_hook(algorithm: Any, graph: Any, dtypes: list[Any]):
+    def read_out(traces, jac, cot):
         signal = jnp.concatenate([jnp.reshape(c, (-1,)) for c in cot])
         grads = algorithm.gradients(graph, traces, {"hidden": signal}, jac)
-        params = [
+        return [
             grads[path].astype(dt) for (path, _, _), dt in zip(graph.params, dtypes)
         ]
-        return cot, params, None, None
 
-    hook.defvjp(fwd, bwd)
-    return hook
+    return gradient_hook(read_out)
 
 
 def full_jacobians(compiled, dyn_leaves, state_leaves, x_leaves):
@@ -76,6 +64,8 @@ def full_jacobians(compiled, dyn_leaves, state_leaves, x_leaves):
     hs0 = [sg(state_leaves[j]) for j in hidden]
     new_hidden, pullback = jax.vjp(transition, ps0, hs0)
     size = compiled.graph.hidden_size
+    if not size:  # no parameter reaches a hidden state: nothing to carry
+        return jnp.zeros((0, 0)), {path: None for path, _, _ in compiled.graph.params}
     eye = jnp.eye(size, dtype=compiled.graph.groups[0].dtype)
     offsets = [0]
     for h in new_hidden:
@@ -163,9 +153,11 @@ def run_step_joint(compiled, algorithm, dyn_leaves, state_leaves, x_leaves, trac
 
     # 3. One hook over all hidden values; everything downstream reads through it.
     upstream_sinks = [read_up(s) for s in sinks]
-    hook = _make_hook(algorithm, compiled.graph, [jnp.result_type(p) for p in params])
-    hooked_vals = hook(upstream_sinks, params, new_traces, jtu.tree_map(sg, jac))
-    hooked = {s: v for s, v in zip(sinks, hooked_vals) if isinstance(s, int)}
+    hook = _joint_hook(algorithm, compiled.graph, [jnp.result_type(p) for p in params])
+    hooked: dict[int, Any] = {}
+    if sinks:
+        hooked_vals = hook(upstream_sinks, params, new_traces, jtu.tree_map(sg, jac))
+        hooked = {s: v for s, v in zip(sinks, hooked_vals) if isinstance(s, int)}
 
     def read_live(a: _ir.Operand) -> Any:
         if isinstance(a, _ir.Lit):

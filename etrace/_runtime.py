@@ -102,7 +102,15 @@ def group_jacobians(
     return D, Df
 
 
-def _make_hook(algorithm: Any, sub: Graph, group: Group, dtypes: list[Any]):
+def gradient_hook(read_out):
+    """A `custom_vjp` identity on hidden values whose backward pass hands their
+    cotangent `dL/dh` to `read_out(traces, jac, cot)`, which returns the cotangents
+    of `weights` (the live values the traces belong to).
+
+    The hook's output is the (batched) hidden values themselves, so under `vmap` the
+    read-out runs per example before autodiff sums over the batch.
+    """
+
     @jax.custom_vjp
     def hook(leaves, weights, traces, jac):
         del weights, traces, jac
@@ -114,16 +122,22 @@ def _make_hook(algorithm: Any, sub: Graph, group: Group, dtypes: list[Any]):
 
     def bwd(res, cot):
         traces, jac = res
-        signal = jnp.stack([_flat(c) for c in cot], axis=-1)
-        grads = algorithm.gradients(sub, traces, {group.name: signal}, jac)
-        weight_cots = [
-            u.site.weight_from_canonical(grads[u.name]).astype(dt)
-            for u, dt in zip(sub.units, dtypes)
-        ]
-        return cot, weight_cots, None, None
+        return cot, read_out(traces, jac, cot), None, None
 
     hook.defvjp(fwd, bwd)
     return hook
+
+
+def _group_hook(algorithm: Any, sub: Graph, group: Group, dtypes: list[Any]):
+    def read_out(traces, jac, cot):
+        signal = jnp.stack([_flat(c) for c in cot], axis=-1)
+        grads = algorithm.gradients(sub, traces, {group.name: signal}, jac)
+        return [
+            u.site.weight_from_canonical(grads[u.name]).astype(dt)
+            for u, dt in zip(sub.units, dtypes)
+        ]
+
+    return gradient_hook(read_out)
 
 
 def run_step(
@@ -249,7 +263,7 @@ def run_step(
         updated = jtu.tree_map(sg, updated)
         new_traces.update(updated)
         weights = [main[u.site.weight] for u in units]
-        hook = _make_hook(algorithm, sub, group, [jnp.result_type(w) for w in weights])
+        hook = _group_hook(algorithm, sub, group, [jnp.result_type(w) for w in weights])
         out = hook(new_vals, weights, updated, jtu.tree_map(sg, jac))
         for s, val in zip(sinks, out):
             if isinstance(s, int):

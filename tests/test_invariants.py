@@ -55,3 +55,24 @@ def test_chunks_vmap_and_structure(name):
         learner, mse, model, learner.init(), x1, y1, mask=jnp.zeros(6)
     )
     assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree.leaves(zero))
+
+
+class NoHiddenState(eqx.Module):
+    """Parameters reach only the output; the state is a passive leaky input filter."""
+
+    w: jax.Array
+
+    def __call__(self, x, h):
+        h = 0.5 * h + x
+        return self.w @ jnp.tanh(h), h
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_model_without_hidden_group(name):
+    model = NoHiddenState(jax.random.normal(jax.random.key(0), (2, 3)))
+    learner, ts = etrace.compile(
+        model, jnp.zeros(3), state=jnp.zeros(3), algorithm=ALGORITHMS[name]
+    )
+    assert not learner.graph.groups
+    xs, ys = data(0, 5, 3, 2)
+    et.assert_matches_bptt(learner, mse, model, ts, xs, ys, require_live=False)

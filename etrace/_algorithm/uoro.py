@@ -46,7 +46,7 @@ class UORO(AbstractAlgorithm):
     routing: ClassVar[str] = "joint"
 
     def init(self, graph: Graph):
-        dtype = graph.groups[0].dtype if graph.groups else jnp.float32
+        dtype = graph.groups[0].dtype if graph.groups else jnp.result_type(float)
         return {
             "key": jr.key_data(jr.key(self.seed)),
             "s": jnp.zeros((graph.hidden_size,), dtype),
