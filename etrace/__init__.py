@@ -1,11 +1,25 @@
 """etrace: online learning of recurrent and spiking networks with eligibility traces."""
 
+from . import nn as nn
 from ._algorithm.base import (
     AbstractAlgorithm as AbstractAlgorithm,
     AbstractUnitAlgorithm as AbstractUnitAlgorithm,
 )
 from ._algorithm.d_rtrl import D_RTRL as D_RTRL
+from ._algorithm.eprop import EProp as EProp
 from ._algorithm.es_d_rtrl import ES_D_RTRL as ES_D_RTRL, pp_prop as pp_prop
+from ._algorithm.helpers import (
+    FixedRandomFeedback as FixedRandomFeedback,
+    KappaFilter as KappaFilter,
+    PresynapticTrace as PresynapticTrace,
+)
+from ._algorithm.ostl import (
+    OSTLFeedforward as OSTLFeedforward,
+    OSTLRecurrent as OSTLRecurrent,
+)
+from ._algorithm.osttp import OSTTP as OSTTP
+from ._algorithm.otpe import OTPE as OTPE
+from ._algorithm.ottt import OTTT as OTTT
 from ._algorithm.rtrl import RTRL as RTRL
 from ._algorithm.snap import SnAp as SnAp
 from ._algorithm.uoro import UORO as UORO

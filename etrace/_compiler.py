@@ -156,6 +156,9 @@ class Compiled:
     # Per unit name: bitmasks of the groups whose previous / new state its weight
     # op's input depends on (how temporal layers connect; used by exactness rules).
     x_deps: dict[str, tuple[int, int]]
+    # Weight ops whose input depends on a new hidden value of this step: equation
+    # index -> position of that input.
+    reads_new: dict[int, int]
     one_step_reads: tuple[str, ...]
     # For whole-state algorithms: the equations upstream of any hidden state, the
     # parameter-only variables, and the parameters (dynamic-leaf indices) involved.
@@ -630,7 +633,18 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
             EtraceWarning,
             stacklevel=3,
         )
-    x_deps = _group_dependencies(program, groups, state_vars, sink_group, units)
+    x_deps, new_leaf = _group_dependencies(
+        program, groups, state_vars, sink_group, units
+    )
+    # Every weight op (cut or not) whose input depends on a new hidden value.
+    reads_new = {
+        i: 1 - w
+        for i, w in cuts.items()
+        if isinstance(eqns[i].ins[1 - w], int) and new_leaf.get(eqns[i].ins[1 - w], 0)
+    }
+    graph = _with_connections(
+        graph, [eqns[i].ins[p] for i, p in reads_new.items()], new_leaf
+    )
     skeleton = eqx.combine(
         jtu.tree_unflatten(layout.treedef, [_Leaf(i) for i in range(n_dyn)]),
         layout.static,
@@ -659,6 +673,7 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
         roles=roles,
         skeleton=skeleton,
         x_deps=x_deps,
+        reads_new=reads_new,
         one_step_reads=tuple(sorted(set(one_step_reads))),
         anc_all=anc_all,
         param_only_vars=param_only_vars,
@@ -667,35 +682,91 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
 
 
 def _group_dependencies(program, groups, state_vars, sink_group, units):
+    """Which groups' previous and new states each unit's input depends on.
+
+    Returns, per unit name, bitmasks over groups `(previous, new)`; and, per
+    variable, a bitmask over all hidden leaves (in group order) of the new hidden
+    values it depends on within the step.
+    """
+    leaf_bit: dict[int, int] = {}
     prev: dict[int, int] = {}
-    new: dict[int, int] = {}
     for gi, g in enumerate(groups):
         for j in g.leaves:
             prev[state_vars[j]] = prev.get(state_vars[j], 0) | 1 << gi
-    for v, gi in sink_group.items():
+    flat = [(gi, j) for gi, g in enumerate(groups) for j in g.leaves]
+    sink_bit: dict[int, int] = {}
+    out_state = program.outvars[len(program.outvars) - len(state_vars) :]
+    for b, (gi, j) in enumerate(flat):
+        v = out_state[j]
+        if isinstance(v, int) and sink_group.get(v) == gi:
+            sink_bit[v] = sink_bit.get(v, 0) | 1 << b
+    group_of_bit = [gi for gi, _ in flat]
+    # `new_leaf`: transitively, through other groups' updates; `leaf_bit`: as
+    # readers outside the tail see it (a hooked new state stands for itself only).
+    new_leaf: dict[int, int] = {}
+    for v, bits in sink_bit.items():
         if v not in program.producer:
-            new[v] = new.get(v, 0) | 1 << gi
+            new_leaf[v] = leaf_bit[v] = bits
     for e in program.eqns:
-        pb = nb = 0
+        pb = lb = db = 0
         for a in e.ins:
             if isinstance(a, int):
                 pb |= prev.get(a, 0)
-                nb |= new.get(a, 0)
+                lb |= new_leaf.get(a, 0)
+                db |= leaf_bit.get(a, 0)
         for o in e.outs:
             if pb:
                 prev[o] = pb
-            if o in sink_group:
-                nb |= 1 << sink_group[o]
-            if nb:
-                new[o] = nb
+            if lb | sink_bit.get(o, 0):
+                new_leaf[o] = lb | sink_bit.get(o, 0)
+            direct = sink_bit[o] if o in sink_bit else db
+            if direct:
+                leaf_bit[o] = direct
+
+    def groups_of(bits: int) -> int:
+        out = 0
+        for b, gi in enumerate(group_of_bit):
+            if bits >> b & 1:
+                out |= 1 << gi
+        return out
+
     out = {}
     for u in units:
         x = u.site.x
         if isinstance(x, int):
-            out[u.name] = (prev.get(x, 0), new.get(x, 0))
+            out[u.name] = (prev.get(x, 0), groups_of(new_leaf.get(x, 0)))
         else:
             out[u.name] = (0, 0)
-    return out
+    return out, leaf_bit
+
+
+def _with_connections(graph, weight_inputs, leaf_bit):
+    """The graph with `downstream` and `outputs` filled in (see `Graph`)."""
+    groups = graph.groups
+    flat = [(gi, k) for gi, g in enumerate(groups) for k in range(len(g.leaves))]
+
+    def bits_of(x: Any) -> int:
+        return leaf_bit.get(x, 0) if isinstance(x, int) else 0
+
+    downstream: dict[str, list[str]] = {g.name: [] for g in groups}
+    for u in graph.units:
+        bits = bits_of(u.site.x)
+        for b, (gi, _) in enumerate(flat):
+            mine = downstream[groups[gi].name]
+            if bits >> b & 1 and groups[gi] is not u.group and u.group.name not in mine:
+                mine.append(u.group.name)
+    read = 0
+    for x in weight_inputs:
+        read |= bits_of(x)
+    outputs: dict[str, list[int]] = {g.name: [] for g in groups}
+    for b, (gi, k) in enumerate(flat):
+        if read >> b & 1:
+            outputs[groups[gi].name].append(k)
+    return dataclasses.replace(
+        graph,
+        downstream={k: tuple(v) for k, v in downstream.items()},
+        outputs={k: tuple(v) for k, v in outputs.items()},
+    )
 
 
 def attach_pattern(compiled: Compiled, model: Any, sample_input: Any, state: Any):

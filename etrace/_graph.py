@@ -141,6 +141,12 @@ class Graph:
         order, each leaf flattened).
     - `params`: for whole-state algorithms, `(path, shape, dtype)` of every parameter
         that reaches a hidden state, by any path.
+    - `downstream`: per group name, the names of the other hidden groups whose update
+        reads this group's new state, in the same step, through a weight op (the
+        next temporal layer; a leaky readout with state of its own).
+    - `outputs`: per group name, the positions `k` of its state leaves whose new
+        values a weight op reads in the same step (the neuron's output, e.g. the
+        spike leaf): where a feedback learning signal is delivered.
     """
 
     groups: tuple[Group, ...]
@@ -148,6 +154,8 @@ class Graph:
     hidden_size: int = 0
     params: tuple[tuple[str, tuple[int, ...], Any], ...] = ()
     pattern: Any = None
+    downstream: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    outputs: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def jacobian_pattern(self) -> tuple[Any, dict[str, Any]]:
         """The structural non-zero pattern of the full hidden-to-hidden Jacobian
@@ -166,7 +174,14 @@ class Graph:
     def subgraph(self, group: Group) -> Graph:
         """The graph restricted to one hidden group."""
         units = tuple(u for u in self.units if u.group is group)
-        return Graph((group,), units, group.n * group.k, ())
+        return Graph(
+            (group,),
+            units,
+            group.n * group.k,
+            (),
+            downstream={group.name: self.downstream.get(group.name, ())},
+            outputs={group.name: self.outputs.get(group.name, ())},
+        )
 
     def unit_bytes(self, unit: Unit, per_element: int) -> int:
         return math.prod(unit.shape) * unit.k * per_element

@@ -27,7 +27,8 @@ def _hidden_leaves(compiled: Compiled) -> list[int]:
 
 
 def _joint_hook(algorithm: Any, graph: Any, dtypes: list[Any]):
-    def read_out(traces, jac, cot):
+    def read_out(traces, jac, cot, anchor_cot):
+        del anchor_cot
         signal = jnp.concatenate([jnp.reshape(c, (-1,)) for c in cot])
         grads = algorithm.gradients(graph, traces, {"hidden": signal}, jac)
         return [
@@ -37,14 +38,9 @@ def _joint_hook(algorithm: Any, graph: Any, dtypes: list[Any]):
     return gradient_hook(read_out)
 
 
-def full_jacobians(compiled, dyn_leaves, state_leaves, x_leaves):
-    """`J = dh^t/dh^{t-1}` `(H, H)` and, per parameter path, `dh^t/dtheta`.
-
-    One pullback per hidden value (vmapped), in reverse mode so that `custom_vjp`
-    surrogates work.
-    """
+def _transition(compiled, dyn_leaves, state_leaves, x_leaves):
+    """`(theta, h^{t-1}) -> h^t` for the parameters that reach a hidden state."""
     program = compiled.program
-    sg = jax.lax.stop_gradient
     hidden = _hidden_leaves(compiled)
     state_vars = compiled.state_vars
     sinks = [program.outvars[compiled.n_y + j] for j in hidden]
@@ -60,24 +56,60 @@ def full_jacobians(compiled, dyn_leaves, state_leaves, x_leaves):
         _ir.evaluate(program, order, env)
         return [s.val if isinstance(s, _ir.Lit) else env[s] for s in sinks]
 
+    sg = jax.lax.stop_gradient
     ps0 = [sg(dyn_leaves[i]) for i in compiled.joint_params]
     hs0 = [sg(state_leaves[j]) for j in hidden]
-    new_hidden, pullback = jax.vjp(transition, ps0, hs0)
+    return transition, ps0, hs0
+
+
+def _unit_cotangents(compiled, new_hidden):
     size = compiled.graph.hidden_size
-    if not size:  # no parameter reaches a hidden state: nothing to carry
-        return jnp.zeros((0, 0)), {path: None for path, _, _ in compiled.graph.params}
     eye = jnp.eye(size, dtype=compiled.graph.groups[0].dtype)
     offsets = [0]
     for h in new_hidden:
         offsets.append(offsets[-1] + h.size)
-    cots = [
+    return [
         eye[:, a:b].reshape((size,) + h.shape)
         for a, b, h in zip(offsets[:-1], offsets[1:], new_hidden)
     ]
-    d_params, d_prev = jax.vmap(pullback)(cots)
+
+
+def full_jacobians(compiled, dyn_leaves, state_leaves, x_leaves):
+    """`J = dh^t/dh^{t-1}` `(H, H)` and, per parameter path, `dh^t/dtheta`.
+
+    One pullback per hidden value (vmapped), in reverse mode so that `custom_vjp`
+    surrogates work.
+    """
+    transition, ps0, hs0 = _transition(compiled, dyn_leaves, state_leaves, x_leaves)
+    new_hidden, pullback = jax.vjp(transition, ps0, hs0)
+    size = compiled.graph.hidden_size
+    if not size:  # no parameter reaches a hidden state: nothing to carry
+        return jnp.zeros((0, 0)), {path: None for path, _, _ in compiled.graph.params}
+    d_params, d_prev = jax.vmap(pullback)(_unit_cotangents(compiled, new_hidden))
     J = jnp.concatenate([jnp.reshape(d, (size, -1)) for d in d_prev], axis=1)
     Jtheta = {path: d for (path, _, _), d in zip(compiled.graph.params, d_params)}
     return J, Jtheta
+
+
+def diagonal_blocks(compiled, dyn_leaves, state_leaves, x_leaves):
+    """Per group name, `H[n, k, k'] = d h_k^t[n] / d h_{k'}^{t-1}[n]` through every
+    path of the step (recurrent weights included): the per-neuron diagonal blocks of
+    the full hidden-to-hidden Jacobian."""
+    transition, ps0, hs0 = _transition(compiled, dyn_leaves, state_leaves, x_leaves)
+    new_hidden, pullback = jax.vjp(lambda hs: transition(ps0, hs), hs0)
+    if not compiled.graph.hidden_size:
+        return {}
+    (d_prev,) = jax.vmap(pullback)(_unit_cotangents(compiled, new_hidden))
+    size = compiled.graph.hidden_size
+    J = jnp.concatenate([jnp.reshape(d, (size, -1)) for d in d_prev], axis=1)
+    out = {}
+    start = 0
+    for g in compiled.graph.groups:
+        n, k = g.n, g.k
+        block = J[start : start + n * k, start : start + n * k].reshape(k, n, k, n)
+        out[g.name] = jnp.einsum("anbn->nab", block)
+        start += n * k
+    return out
 
 
 def jacobian_pattern(compiled, dyn_leaves, state_leaves, x_leaves, draws=2):

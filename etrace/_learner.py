@@ -95,7 +95,13 @@ class Learner(eqx.Module):
         """The hidden groups and traced units the compiler found."""
         return self.compiled.graph
 
-    def step(self, model: Any, trace_state: TraceState, x: PyTree[Array]):
+    def step(
+        self,
+        model: Any,
+        trace_state: TraceState,
+        x: PyTree[Array],
+        target: PyTree[Array] | None = None,
+    ):
         """Runs the model for one step and advances hidden state and traces.
 
         **Arguments:**
@@ -103,6 +109,8 @@ class Learner(eqx.Module):
         - `model`: the current model (same structure as the compiled one).
         - `trace_state`: the `TraceState` from the previous step (or `init`).
         - `x`: one unbatched time step, shaped like `sample_input`.
+        - `target`: this step's target, for algorithms whose learning signal is a
+            projection of it (`etrace.OSTTP`); ignored by the others.
 
         **Returns:**
 
@@ -163,6 +171,7 @@ class Learner(eqx.Module):
             [jnp.asarray(v) for v in x_leaves],
             trace_state.traces,
             trace_state.t,
+            target,
         )
         new = TraceState(
             state=jtu.tree_unflatten(c.state_def, new_state),

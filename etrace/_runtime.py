@@ -26,6 +26,7 @@ import jax.tree_util as jtu
 
 from . import _ir
 from ._compiler import Compiled
+from ._errors import EtraceError
 from ._graph import Graph, Group
 
 
@@ -45,6 +46,10 @@ class Jacobians(eqx.Module):
         `dh^t/dh^{t-1}` of shape `(H, H)` (through every weight), else `None`.
     - `Jtheta`: for whole-state algorithms, per parameter path the immediate Jacobian
         `dh^t/dtheta` of shape `(H, *theta.shape)`, else `None`.
+    - `H`: for algorithms that declare `full_diagonal = True` (`OSTLRecurrent`), per
+        hidden group name the per-neuron diagonal blocks of the *full*
+        hidden-to-hidden Jacobian, recurrent weights included, shape `(N, K, K)`;
+        else `None`.
     """
 
     D: dict[str, Any]
@@ -53,6 +58,7 @@ class Jacobians(eqx.Module):
     t: Any
     J: Any = None
     Jtheta: Any = None
+    H: Any = None
 
 
 def _flat(a: Any) -> Any:
@@ -102,42 +108,98 @@ def group_jacobians(
     return D, Df
 
 
-def gradient_hook(read_out):
+def gradient_hook(read_out, anchored: bool = False):
     """A `custom_vjp` identity on hidden values whose backward pass hands their
-    cotangent `dL/dh` to `read_out(traces, jac, cot)`, which returns the cotangents
-    of `weights` (the live values the traces belong to).
+    cotangent `dL/dh` to `read_out(traces, jac, cot, anchor_cot)`, which returns the
+    cotangents of `weights` (the live values the traces belong to).
 
     The hook's output is the (batched) hidden values themselves, so under `vmap` the
-    read-out runs per example before autodiff sums over the batch.
+    read-out runs per example before autodiff sums over the batch. With `anchored`,
+    it also returns an *anchor*: a zero vector (one entry per neuron, computed from
+    the hidden values so that it is batched too) for `output_hook` to consume; the
+    anchor's cotangent is the feedback learning signal.
     """
 
     @jax.custom_vjp
     def hook(leaves, weights, traces, jac):
         del weights, traces, jac
+        if anchored:
+            return leaves, jnp.reshape(leaves[0], (-1,)) * 0
         return leaves
 
     def fwd(leaves, weights, traces, jac):
-        del weights
-        return leaves, (traces, jac)
+        return hook(leaves, weights, traces, jac), (traces, jac)
 
     def bwd(res, cot):
         traces, jac = res
-        return cot, read_out(traces, jac, cot), None, None
+        cot, anchor_cot = cot if anchored else (cot, None)
+        return cot, read_out(traces, jac, cot, anchor_cot), None, None
 
     hook.defvjp(fwd, bwd)
     return hook
 
 
-def _group_hook(algorithm: Any, sub: Graph, group: Group, dtypes: list[Any]):
-    def read_out(traces, jac, cot):
+def output_hook(feedback: Any, source: str, sizes: list[tuple[int, Any]]):
+    """A `custom_vjp` identity on the model's output whose backward pass sends each
+    anchored group (`sizes`: its neuron count and dtype) the feedback signal: the
+    fixed random projection of `dL/dy` (`source == "error"`) or of the target
+    (`"target"`)."""
+
+    @jax.custom_vjp
+    def hook(y, anchors, target):
+        del anchors, target
+        return y
+
+    def fwd(y, anchors, target):
+        return y, target
+
+    def bwd(target, cot):
+        if source == "target":
+            vec = [jnp.reshape(jnp.asarray(t), (-1,)) for t in jtu.tree_leaves(target)]
+        else:
+            vec = [jnp.reshape(c, (-1,)) for c in cot if _is_float(c)]
+        vec = jnp.concatenate(vec) if vec else jnp.zeros((0,))
+        signals = [
+            feedback.project(i, vec, n).astype(dtype)
+            for i, (n, dtype) in enumerate(sizes)
+        ]
+        return cot, signals, None
+
+    hook.defvjp(fwd, bwd)
+    return hook
+
+
+def _is_float(a: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+
+
+def _group_hook(
+    algorithm: Any, sub: Graph, group: Group, dtypes: list[Any], anchored: bool
+):
+    outputs = list(sub.outputs.get(group.name, ()))
+
+    def read_out(traces, jac, cot, anchor_cot):
         signal = jnp.stack([_flat(c) for c in cot], axis=-1)
+        if anchor_cot is not None:
+            signal = signal.at[:, outputs].add(anchor_cot[:, None])
         grads = algorithm.gradients(sub, traces, {group.name: signal}, jac)
         return [
             u.site.weight_from_canonical(grads[u.name]).astype(dt)
             for u, dt in zip(sub.units, dtypes)
         ]
 
-    return gradient_hook(read_out)
+    return gradient_hook(read_out, anchored)
+
+
+def capability(algorithm: Any, name: str, default: Any) -> Any:
+    """An algorithm's declared capability (`routing`, `feedback`, `full_diagonal`),
+    looked up through wrappers (`AbstractWrappedAlgorithm.inner`)."""
+    while algorithm is not None:
+        value = getattr(algorithm, name, None)
+        if value is not None:
+            return value
+        algorithm = getattr(algorithm, "inner", None)
+    return default
 
 
 def run_step(
@@ -148,14 +210,28 @@ def run_step(
     x_leaves: list[Any],
     traces: dict[str, Any],
     t: Any,
+    target: Any = None,
 ) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """Evaluates one step; returns output leaves, new state leaves and new traces."""
-    if getattr(algorithm, "routing", "group") == "joint":
-        from ._joint import run_step_joint
+    from ._joint import diagonal_blocks, run_step_joint
 
+    if capability(algorithm, "routing", "group") == "joint":
         return run_step_joint(
             compiled, algorithm, dyn_leaves, state_leaves, x_leaves, traces, t
         )
+    feedback = capability(algorithm, "feedback", None)
+    source = capability(algorithm, "feedback_source", "error")
+    if feedback is not None and source == "target" and target is None:
+        raise EtraceError(
+            f"{type(algorithm).__name__} projects the target into its learning "
+            "signal: pass it to the step, `learner.step(model, trace_state, x, "
+            "target)` (`etrace.online_grad` does this for you)."
+        )
+    H = None
+    if capability(algorithm, "full_diagonal", False):
+        H = diagonal_blocks(compiled, dyn_leaves, state_leaves, x_leaves)
+    anchors: list[Any] = []
+    anchor_sizes: list[tuple[int, Any]] = []
     program = compiled.program
     eqns = program.eqns
     n_eqns = len(eqns)
@@ -222,7 +298,12 @@ def run_step(
         return v.val if isinstance(v, _ir.Lit) else main[v]
 
     def read_main(i: int, pos: int, v: _ir.Operand) -> Any:
-        return read_by_mode(compiled.modes.get((i, pos), "plain"), v)
+        value = read_by_mode(compiled.modes.get((i, pos), "plain"), v)
+        if feedback is not None and compiled.reads_new.get(i) == pos:
+            # Feedback replaces the backward pass through weights that read hidden
+            # values: nothing flows back through them.
+            value = sg(value)
+        return value
 
     def run_hook(g: int) -> None:
         group = compiled.graph.groups[g]
@@ -257,14 +338,21 @@ def run_step(
             Df={u.name: d for u, d in zip(units, Df)},
             x=xs,
             t=t,
+            H=None if H is None else {group.name: H[group.name]},
         )
         mine = {u.name: traces[u.name] for u in units}
         updated = algorithm.update(sub, mine, jac)
         updated = jtu.tree_map(sg, updated)
         new_traces.update(updated)
         weights = [main[u.site.weight] for u in units]
-        hook = _group_hook(algorithm, sub, group, [jnp.result_type(w) for w in weights])
+        anchored = feedback is not None and bool(sub.outputs.get(group.name))
+        dtypes = [jnp.result_type(w) for w in weights]
+        hook = _group_hook(algorithm, sub, group, dtypes, anchored)
         out = hook(new_vals, weights, updated, jtu.tree_map(sg, jac))
+        if anchored:
+            out, anchor = out
+            anchors.append(anchor)
+            anchor_sizes.append((group.n, group.dtype))
         for s, val in zip(sinks, out):
             if isinstance(s, int):
                 hooked[s] = val
@@ -287,6 +375,8 @@ def run_step(
 
     n_y = compiled.n_y
     y = [read_by_mode(m, v) for m, v in zip(compiled.out_modes, program.outvars[:n_y])]
+    if anchors:
+        y = output_hook(feedback, source, anchor_sizes)(y, anchors, target)
     new_state = []
     for v, aval in zip(program.outvars[n_y:], compiled.state_avals):
         val = read_tail(v) if isinstance(v, int) else jnp.asarray(v.val, aval.dtype)

@@ -15,6 +15,7 @@ from jaxtyping import Array, Float, PyTree
 from ._compiler import keystr
 from ._errors import EtraceError
 from ._learner import Learner, TraceState
+from ._runtime import capability
 
 
 def _length(xs: Any, targets: Any, mask: Any) -> int:
@@ -87,6 +88,7 @@ def online_grad(
     length = _length(xs, targets, mask)
     mask = jnp.ones(length) if mask is None else jnp.asarray(mask)
     batched = jnp.ndim(trace_state.t) == 1
+    size = 1
     if batched:
         size = int(jnp.shape(trace_state.t)[0])
         for what, tree in (("xs", xs), ("targets", targets)):
@@ -95,7 +97,7 @@ def online_grad(
                     f"The trace state has batch size {size}, but `{what}` has "
                     f"{_batch_size(tree, 1, what)} on axis 1."
                 )
-        step = jax.vmap(learner.step, in_axes=(None, 0, 0))
+        step = jax.vmap(learner.step, in_axes=(None, 0, 0, 0))
 
         def loss_of_step(y: Any, target: Any) -> Any:
             return jnp.mean(jax.vmap(loss_fn)(y, target))
@@ -106,8 +108,21 @@ def online_grad(
         def loss_of_step(y: Any, target: Any) -> Any:
             return loss_fn(y, target)
 
+    projects_target = (
+        capability(learner.algorithm, "feedback", None) is not None
+        and capability(learner.algorithm, "feedback_source", "error") == "target"
+    )
+    share = 1.0 / size if batched else 1.0
+
     def step_loss(model, ts, x, target, weight):
-        y, ts = step(model, ts, x)
+        signal_target = None
+        if projects_target:
+            # The learning signal is linear in the target it projects: weight it
+            # like this step's loss (mask, batch mean).
+            signal_target = jtu.tree_map(
+                lambda a: jnp.asarray(a) * (weight * share), target
+            )
+        y, ts = step(model, ts, x, signal_target)
         loss = loss_of_step(y, target)
         return loss * weight, (ts, loss)
 

@@ -33,6 +33,25 @@ def test_copying_task_smoke(tmp_path):
     assert summary
 
 
+@pytest.mark.parametrize("neuron", ["lif", "alif"])
+def test_snn_digits_smoke(tmp_path, neuron):
+    pytest.importorskip("optax")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    module = _load("examples/snn_digits.py")
+    out = tmp_path / "digits.png"
+    sizes = "--steps 3 --batch 8 --hidden 16 --time-steps 6".split()
+    results = module.main([*sizes, "--neuron", neuron, "--plot", str(out)])
+    assert set(results) == {"es_d_rtrl", "eprop", "bptt"}
+    for r in results.values():
+        assert 0 <= r["accuracy"] <= 1
+        assert 0 <= r["firing_rate"] <= 1
+        assert r["seconds_per_step"] > 0
+        assert len(r["losses"]) == 3
+    assert out.exists() and out.stat().st_size > 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_memory_benchmark_smoke(tmp_path):
     module = _load("benchmarks/memory.py")
     out = tmp_path / "memory.json"

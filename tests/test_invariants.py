@@ -18,6 +18,12 @@ ALGORITHMS = {
     "rtrl": etrace.RTRL(),
     "snap2": etrace.SnAp(2),
     "uoro": etrace.UORO(seed=3),
+    "eprop": etrace.EProp(feedback="random", kappa=0.5),
+    "ostl_recurrent": etrace.OSTLRecurrent(),
+    "ottt": etrace.OTTT(decay=0.7),
+    "otpe": etrace.OTPE(0.7),
+    "f_otpe": etrace.OTPE(0.7, approx=True),
+    "osttp": etrace.OSTTP(recurrent=True),
 }
 
 

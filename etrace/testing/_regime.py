@@ -7,7 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .._algorithm.d_rtrl import D_RTRL
+from .._algorithm.eprop import EProp
 from .._algorithm.es_d_rtrl import ES_D_RTRL
+from .._algorithm.ostl import OSTLFeedforward, OSTLRecurrent
+from .._algorithm.osttp import OSTTP
+from .._algorithm.otpe import OTPE
+from .._algorithm.ottt import OTTT
 from .._algorithm.rtrl import RTRL
 from .._algorithm.snap import _masks, SnAp
 from .._errors import EtraceError
@@ -38,8 +43,11 @@ class Regime:
         return "not exact:\n" + "\n".join(f"  - {r}" for r in self.reasons)
 
 
-def _diagonal_rule(learner: Learner, algorithm: Any) -> Regime:
-    """D-RTRL is exact for a group whose recurrences are all element-wise."""
+def _diagonal_rule(
+    learner: Learner, algorithm: Any, *, full_diagonal: bool = False
+) -> Regime:
+    """D-RTRL is exact for a group whose recurrences are all element-wise (with the
+    full diagonal blocks `H`, also for one-neuron groups with recurrent weights)."""
     del algorithm
     c = learner.compiled
     groups = learner.graph.groups
@@ -48,6 +56,8 @@ def _diagonal_rule(learner: Learner, algorithm: Any) -> Regime:
         prev, new = c.x_deps[u.name]
         for gi, g in enumerate(groups):
             if prev >> gi & 1 and u.group is g:
+                if full_diagonal and g.n == 1:
+                    continue  # the neuron's block is the whole Jacobian
                 inexact.setdefault(
                     gi,
                     f"`{u.site.name}` reads the previous state of `{g.name}`: a "
@@ -156,11 +166,123 @@ def _sparse_rule(learner: Learner, algorithm: Any) -> Regime:
     return Regime(False, params, base.reasons + (reason,))
 
 
+def _restrict(base: Regime, learner: Learner, groups: Any, reason: str) -> Regime:
+    """`base`, with the parameters traced into `groups` made inexact for `reason`."""
+    if not groups:
+        return base
+    names = {g.name for g in groups}
+    paths = learner.compiled.layout.paths
+    hit = {
+        paths[k]
+        for u in learner.graph.units
+        if u.group.name in names
+        for k in u.site.params
+    }
+    params = {p: ok and p not in hit for p, ok in base.params.items()}
+    return Regime(False, params, base.reasons + (reason,))
+
+
+def _downstream_groups(learner: Learner) -> list[Any]:
+    graph = learner.graph
+    return [g for g in graph.groups if graph.downstream.get(g.name)]
+
+
+def _signal_groups(learner: Learner) -> list[Any]:
+    graph = learner.graph
+    return [g for g in graph.groups if graph.outputs.get(g.name)]
+
+
+def _eprop_rule(learner: Learner, algorithm: Any) -> Regime:
+    """e-prop: D-RTRL's verdict, unless a filter or random feedback is involved."""
+    base = _diagonal_rule(learner, algorithm)
+    if algorithm.kappa is not None:
+        base = _restrict(
+            base,
+            learner,
+            _downstream_groups(learner),
+            f"the kappa filter ({algorithm.kappa.kappa}) is exact only if it equals "
+            "the leak of the downstream layer that integrates the filtered group "
+            "(a leaky readout `y = kappa y + W z`); that is not checked here",
+        )
+    if algorithm.feedback is not None:
+        base = _restrict(
+            base,
+            learner,
+            _signal_groups(learner),
+            "random feedback replaces the readout's transpose: the learning signal "
+            "is not the gradient",
+        )
+    return base
+
+
+def _ostl_rule(learner: Learner, algorithm: Any) -> Regime:
+    return _diagonal_rule(
+        learner, algorithm, full_diagonal=isinstance(algorithm, OSTLRecurrent)
+    )
+
+
+def _ottt_rule(learner: Learner, algorithm: Any) -> Regime:
+    base = _diagonal_rule(learner, algorithm)
+    groups = [
+        g for i, g in enumerate(learner.graph.groups) if not _memoryless(learner, i)
+    ]
+    return _restrict(
+        base,
+        learner,
+        groups,
+        "OTTT's presynaptic trace is the eligibility only where the neurons' "
+        "diagonal Jacobian is the constant `decay` (a LIF layer with detached reset "
+        "and that leak); that is not checked here",
+    )
+
+
+def _otpe_rule(learner: Learner, algorithm: Any) -> Regime:
+    base = _diagonal_rule(learner, algorithm)
+    base = _restrict(
+        base,
+        learner,
+        _downstream_groups(learner),
+        "the postsynaptic estimate is exact only if `decay` equals the leak of the "
+        "downstream layer and that layer is a leaky integrator; not checked here",
+    )
+    if algorithm.approx:
+        groups = [
+            g for i, g in enumerate(learner.graph.groups) if not _memoryless(learner, i)
+        ]
+        base = _restrict(
+            base,
+            learner,
+            groups,
+            "F-OTPE factorises the trace: exact only where D = decay and Df is "
+            "constant over time",
+        )
+    return base
+
+
+def _osttp_rule(learner: Learner, algorithm: Any) -> Regime:
+    base = _diagonal_rule(
+        learner, algorithm, full_diagonal=getattr(algorithm, "recurrent", False)
+    )
+    return _restrict(
+        base,
+        learner,
+        _signal_groups(learner),
+        "OSTTP's learning signal is a random projection of the target, not the "
+        "gradient",
+    )
+
+
 _RULES: dict[type, Callable[[Learner, Any], Regime]] = {
     RTRL: _full_rule,
     SnAp: _sparse_rule,
     D_RTRL: _diagonal_rule,
     ES_D_RTRL: _smoothed_rule,
+    EProp: _eprop_rule,
+    OSTLFeedforward: _ostl_rule,
+    OSTLRecurrent: _ostl_rule,
+    OTTT: _ottt_rule,
+    OTPE: _otpe_rule,
+    OSTTP: _osttp_rule,
 }
 
 

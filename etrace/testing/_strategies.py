@@ -15,7 +15,13 @@ import jax.random as jr
 import jax.tree_util as jtu
 
 from .._algorithm.d_rtrl import D_RTRL
+from .._algorithm.eprop import EProp
 from .._algorithm.es_d_rtrl import ES_D_RTRL
+from .._algorithm.helpers import FixedRandomFeedback
+from .._algorithm.ostl import OSTLFeedforward, OSTLRecurrent
+from .._algorithm.osttp import OSTTP
+from .._algorithm.otpe import OTPE
+from .._algorithm.ottt import OTTT
 from .._algorithm.rtrl import RTRL
 from .._algorithm.snap import SnAp
 from .._algorithm.uoro import UORO
@@ -157,9 +163,21 @@ def algorithms(*, dense: bool = True) -> Any:
             decay=st.floats(0.0, 0.95),
             bias_correction=st.booleans(),
         ),
+        st.builds(
+            EProp,
+            feedback=st.sampled_from(["symmetric", "random"]),
+            kappa=st.none() | st.floats(0.0, 0.95),
+        ),
+        st.just(OSTLFeedforward()),
+        st.builds(OTTT, decay=st.floats(0.0, 0.95), mode=st.sampled_from("AO")),
+        st.builds(OTPE, decay=st.floats(0.0, 0.95), approx=st.booleans()),
+        st.builds(
+            OSTTP, feedback=st.builds(FixedRandomFeedback, seed=st.integers(0, 99))
+        ),
     ]
     if dense:
         options += [
+            st.just(OSTLRecurrent()),
             st.just(RTRL()),
             st.builds(SnAp, n=st.integers(1, 4)),
             st.builds(UORO, seed=st.integers(0, 2**16)),

@@ -1,0 +1,110 @@
+"""e-prop: D-RTRL eligibility traces with a filter and a choice of learning signal."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from .._errors import EtraceError
+from .._graph import Graph, Unit
+from .base import AbstractUnitAlgorithm
+from .d_rtrl import diagonal_init, diagonal_readout, diagonal_update
+from .helpers import FixedRandomFeedback, KappaFilter
+
+
+def feedback_of(feedback: Any) -> FixedRandomFeedback | None:
+    if isinstance(feedback, FixedRandomFeedback):
+        return feedback
+    if feedback == "symmetric":
+        return None
+    if feedback == "random":
+        return FixedRandomFeedback()
+    raise EtraceError(
+        f'`feedback` must be "symmetric", "random" or an '
+        f"`etrace.FixedRandomFeedback(seed, scale)`, got {feedback!r}."
+    )
+
+
+def filtered_init(graph: Graph, filt: Any) -> dict[str, Any]:
+    """D-RTRL traces; with a filter, a (trace, filtered trace) pair for every unit
+    whose group feeds a downstream hidden group."""
+    out = {}
+    for u in graph.units:
+        eps = diagonal_init(u)
+        feeds = graph.downstream.get(u.group.name)
+        out[u.name] = (eps, eps) if filt is not None and feeds else eps
+    return out
+
+
+def filtered_update(filt: Any, trace: Any, D: Any, Df: Any, x: Any) -> Any:
+    if isinstance(trace, tuple):
+        eps, bar = trace
+        eps = diagonal_update(eps, D, Df, x)
+        return eps, filt(bar, eps)
+    return diagonal_update(trace, D, Df, x)
+
+
+def filtered_readout(trace: Any, signal: Any) -> Any:
+    return diagonal_readout(trace[1] if isinstance(trace, tuple) else trace, signal)
+
+
+class EProp(AbstractUnitAlgorithm):
+    r"""e-prop (Bellec et al., "A solution to the learning dilemma for recurrent
+    networks of spiking neurons", Nature Communications 2020).
+
+    The eligibility trace of every weight is D-RTRL's,
+    $\epsilon^t = D^t \epsilon^{t-1} + D_f^t \otimes x^t$, and the gradient is
+    $\sum_t L^t \cdot \bar e^t$, with two choices:
+
+    - **filter** (`kappa`): for a hidden group whose output a downstream hidden
+        group integrates (a leaky readout $y^t = \kappa y^{t-1} + W z^t$ with state
+        of its own), the trace is filtered, $\bar e^t = \kappa \bar e^{t-1} +
+        \epsilon^t$. With $\kappa$ equal to the readout's leak this is exactly the
+        readout's memory of the group's past output, so e-prop then equals BPTT on
+        a group without recurrent weights. Groups that feed no hidden group (the
+        readout itself) are not filtered. Without `kappa`, nothing is filtered.
+    - **learning signal** (`feedback`): `"symmetric"` is the true instantaneous
+        $c^t = \partial L^t / \partial h^t$ (back-propagated through this step's
+        readout); `"random"` (or an `etrace.FixedRandomFeedback`) replaces the
+        transpose of every weight that reads a hidden value by a fixed random
+        matrix: group $g$'s output state receives $B_g\,\partial L^t/\partial y^t$.
+        Parameters reached from the output without crossing such a weight (the
+        readout itself) keep their true gradient.
+
+    The filter is exact where the state the downstream weight reads is a state
+    leaf of the group (the spike, for `etrace.nn` neurons), so that the neuron's
+    pseudo-derivative at each step sits inside the filtered trace.
+
+    Without filter and with symmetric feedback, e-prop is D-RTRL. Memory
+    $O(|W| K)$ per example, twice that for filtered groups.
+
+    **Arguments:**
+
+    - `feedback`: `"symmetric"` (default), `"random"`, or an
+        `etrace.FixedRandomFeedback`.
+    - `kappa`: `None` (default), a float in $[0, 1)$ or an `etrace.KappaFilter`.
+    """
+
+    feedback: FixedRandomFeedback | None
+    kappa: KappaFilter | None
+    feedback_source: ClassVar[str] = "error"
+
+    def __init__(self, feedback: Any = "symmetric", kappa: Any = None):
+        self.feedback = feedback_of(feedback)
+        if kappa is None or isinstance(kappa, KappaFilter):
+            self.kappa = kappa
+        else:
+            self.kappa = KappaFilter(kappa)
+
+    def init(self, graph: Graph) -> dict[str, Any]:
+        return filtered_init(graph, self.kappa)
+
+    def init_unit(self, unit: Unit) -> Any:
+        return diagonal_init(unit)
+
+    def update_unit(self, unit, trace, D, Df, x):
+        del unit
+        return filtered_update(self.kappa, trace, D, Df, x)
+
+    def gradient_unit(self, unit, trace, signal, Df, x):
+        del unit, Df, x
+        return filtered_readout(trace, signal)
