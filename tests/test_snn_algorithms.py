@@ -296,6 +296,8 @@ def test_otpe_equals_ostl_on_one_hidden_layer(seed, neuron):
         online(etrace.OSTLFeedforward(), model, state, xs, ys),
     )
     assert ok, errors
+    # Both equal BPTT here, so zero or mis-read traces cannot pass by agreeing.
+    check(etrace.OTPE(LEAK), model, state, xs, ys, equal=True)
 
 
 def test_otpe_is_closer_to_bptt_than_ostl_on_two_layers():
