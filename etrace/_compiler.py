@@ -31,12 +31,10 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from . import _ir, _labels
+from . import _ir, _labels, _ops, _rewrite
 from ._errors import EtraceError, EtraceWarning
 from ._graph import Graph, Group, Site, Unit
 
-
-WEIGHT_PRIMS = frozenset({"dot_general"})
 
 _MISSING_STATE = """\
 `etrace.compile` needs the model's initial hidden state, but `eqx.nn.State(model)`
@@ -157,14 +155,17 @@ class Compiled:
     # op's input depends on (how temporal layers connect; used by exactness rules).
     x_deps: dict[str, tuple[int, int]]
     # Weight ops whose input depends on a new hidden value of this step: equation
-    # index -> position of that input.
-    reads_new: dict[int, int]
+    # index -> positions of those inputs.
+    reads_new: dict[int, tuple[int, ...]]
     one_step_reads: tuple[str, ...]
     # For whole-state algorithms: the equations upstream of any hidden state, the
     # parameter-only variables, and the parameters (dynamic-leaf indices) involved.
     anc_all: frozenset[int]
     param_only_vars: frozenset[int]
     joint_params: tuple[int, ...]
+    # Non-parameter model arrays that a weight's structural zeros were read from
+    # (masks): dynamic-leaf index and where they were non-zero at compile time.
+    mask_leaves: tuple[tuple[int, np.ndarray], ...] = ()
 
     @property
     def state_vars(self) -> list[int]:
@@ -270,6 +271,185 @@ def _backward(
     return eqns, stopped
 
 
+_CONTROL_FLOW = """\
+Unsupported primitive {prim} in the recurrent update{uses}.
+etrace cannot see through control flow between the previous and the new hidden
+state, so it cannot trace {what}. Write the update without
+`lax.cond`/`while_loop`/`scan` (use `jnp.where` to pick between branches, unroll a
+short loop in Python), or compute that part outside the recurrent update (an input
+encoder, the readout)."""
+
+_UNTRACEABLE_WEIGHT = """\
+etrace cannot trace parameter {names}: it enters the recurrent update through
+{prim}, which is not a weight operator in a form etrace can trace: {why}.
+Supported weight operators: products (`@`, `einsum`, `dot_general`), convolutions
+with the parameter as the kernel (`feature_group_count` allowed,
+`batch_group_count=1`), and look-ups of whole rows `W[index]` at input-dependent
+indices. Rewrite that use in one of these forms, or move it out of the recurrent
+update."""
+
+
+def _param_list(bits: int, paths: tuple[str, ...]) -> str:
+    return ", ".join(f"`{paths[k]}`" for k in range(len(paths)) if bits >> k & 1)
+
+
+def _check_tail_eqn(program, eqn, param_only, pmask, paths) -> None:
+    """Refuses an equation of the recurrent update that hides a parameter from the
+    compiler (control flow, a weight operator out of canonical form)."""
+    bits = 0
+    for a in eqn.ins:
+        if isinstance(a, int):
+            bits |= pmask.get(a, 0)
+    if eqn.name in _labels.CONTROL:
+        names = _param_list(bits, paths)
+        raise EtraceError(
+            _CONTROL_FLOW.format(
+                prim=_labels.describe(eqn),
+                uses=f", which uses parameter(s) {names}" if names else "",
+                what="the parameters used inside it" if names else "the state in it",
+            )
+        )
+    if eqn.name in _ops.WEIGHT_PRIMS:
+        weights = [a for a in eqn.ins if param_only(a)]
+        if weights:
+            wbits = 0
+            for a in weights:
+                wbits |= pmask.get(a, 0)
+            why = {
+                "conv_general_dilated": "the parameter must be the kernel, with "
+                "`batch_group_count=1`",
+                "gather": "a look-up must take whole rows (every other dimension "
+                "in full)",
+                "dynamic_slice": "a slice must take whole rows at the dynamic "
+                "index (size 1 there, everything else in full)",
+                "dot_general": "both operands depend on parameters and the state",
+            }[eqn.name]
+            raise EtraceError(
+                _UNTRACEABLE_WEIGHT.format(
+                    names=_param_list(wbits, paths),
+                    prim=_labels.describe(eqn),
+                    why=why,
+                )
+            )
+
+
+_UNION = frozenset("add sub add_any max min or select_n concatenate".split())
+_SAME = frozenset(
+    "neg convert_element_type copy copy_p reduce_precision stop_gradient".split()
+)
+_MOVE = frozenset(
+    "reshape broadcast_in_dim transpose squeeze expand_dims rev slice".split()
+)
+
+
+class _Structure:
+    """Where a parameter-only value can be non-zero, from the constants it is
+    computed with: `(mask * W)` is zero wherever a constant `mask` is."""
+
+    def __init__(self, program, dyn, params, known: dict[int, np.ndarray]):
+        self.program = program
+        self.dyn = dyn
+        self.params = params  # variables that depend on a parameter
+        self.known = known  # non-parameter model arrays: variable -> value
+        self.cache: dict[int, np.ndarray] = {}
+        self.used: set[int] = set()
+
+    def of(self, v: _ir.Operand) -> np.ndarray:
+        program = self.program
+        shape = tuple(program.aval(v).shape)
+        if isinstance(v, _ir.Lit):
+            return np.broadcast_to(np.asarray(v.val) != 0, shape)
+        if v in self.cache:
+            return self.cache[v]
+        dense = np.ones(shape, bool)
+        if v in program.consts:
+            out = np.asarray(program.consts[v]) != 0
+        elif v in self.known:
+            out = np.asarray(self.known[v]) != 0
+            self.used.add(v)
+        elif v in self.dyn or v not in program.producer:
+            out = dense
+        else:
+            out = self._eqn(program.eqns[program.producer[v]], v, dense)
+        out = np.broadcast_to(out, shape)
+        self.cache[v] = out
+        return out
+
+    def value(self, v: _ir.Operand) -> np.ndarray | None:
+        """The concrete value of `v` if it depends on constants and non-parameter
+        model arrays only (a mask's predicate), else `None`."""
+        if isinstance(v, int) and v in self.known:
+            self.used.add(v)
+            return np.asarray(self.known[v])
+        if isinstance(v, int) and (v in self.dyn or v in self.params):
+            return None
+        if isinstance(v, int) and v in self.program.producer:
+            e = self.program.eqns[self.program.producer[v]]
+            args = [self.value(a) for a in e.ins]
+            if any(a is None for a in args):
+                return None
+            with jax.ensure_compile_time_eval():
+                outs = _ir.bind(e, *(jnp.asarray(a) for a in args))
+            return np.asarray(outs[e.outs.index(v)])
+        return _ir.literal_value(self.program, v, {})
+
+    def _eqn(self, e: _ir.Eqn, v: int, dense: np.ndarray) -> np.ndarray:
+        if len(e.outs) != 1:
+            return dense
+        if e.name in ("mul", "and"):
+            a, b = (self.of(x) for x in e.ins)
+            return a & b
+        if e.name in _SAME:
+            return self.of(e.ins[0])
+        if e.name == "select_n":
+            cases = [self.of(x) for x in e.ins[1:]]
+            which = self.value(e.ins[0])
+            if which is None:
+                return np.logical_or.reduce(cases)
+            which = np.broadcast_to(np.asarray(which).astype(int), dense.shape)
+            return np.choose(which, [np.broadcast_to(c, dense.shape) for c in cases])
+        if e.name in _UNION - {"select_n", "concatenate"}:
+            return np.logical_or.reduce([self.of(x) for x in e.ins])
+        if e.name in _MOVE or e.name == "concatenate":
+            if any(isinstance(a, int) and a in self.dyn for a in e.ins):
+                return dense
+            with jax.ensure_compile_time_eval():
+                (out,) = _ir.bind(e, *(jnp.asarray(self.of(a)) for a in e.ins))
+            return np.asarray(out)
+        if e.name == "dot_general":
+            with jax.ensure_compile_time_eval():
+                args = [jnp.asarray(self.of(a), jnp.float32) for a in e.ins]
+                (out,) = _ir.bind(e, *args)
+            return np.asarray(out) > 0
+        return dense
+
+
+def _dependencies(
+    program: _ir.Program, layout: ModelLayout, n_dyn: int
+) -> tuple[dict[int, int], set[int]]:
+    """Per variable, a bitmask of the parameters it depends on; and the set of
+    variables that depend on the state or the input."""
+    invars = program.invars
+    pmask: dict[int, int] = {}
+    dyn: set[int] = set(invars[n_dyn:])
+    for i, is_p in enumerate(layout.is_param):
+        if is_p:
+            pmask[invars[i]] = 1 << i
+    for e in program.eqns:
+        m = 0
+        d = False
+        for a in e.ins:
+            if isinstance(a, int):
+                m |= pmask.get(a, 0)
+                d = d or a in dyn
+        for o in e.outs:
+            if m:
+                pmask[o] = m
+            if d:
+                dyn.add(o)
+    return pmask, dyn
+
+
 def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
     (
         program,
@@ -289,37 +469,35 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
     state_vars = invars[n_dyn : n_dyn + n_state]
 
     # 1. Dependencies: a bitmask of parameters, and whether state or input reach it.
-    pmask: dict[int, int] = {}
-    dyn: set[int] = set(invars[n_dyn:])
-    for i, is_p in enumerate(layout.is_param):
-        if is_p:
-            pmask[invars[i]] = 1 << i
-    for e in eqns:
-        m = 0
-        d = False
-        for a in e.ins:
-            if isinstance(a, int):
-                m |= pmask.get(a, 0)
-                d = d or a in dyn
-        for o in e.outs:
-            if m:
-                pmask[o] = m
-            if d:
-                dyn.add(o)
+    # The rewrites (`_rewrite`) change where parameters enter, so they run first.
+    pmask, dyn = _dependencies(program, layout, n_dyn)
 
     def param_only(v: _ir.Operand) -> bool:
         return isinstance(v, int) and v not in dyn and pmask.get(v, 0) != 0
 
-    # 2. Cut ops: weight ops with one param-only and one dynamic operand.
+    def dynamic(v: _ir.Operand) -> bool:
+        return isinstance(v, int) and v in dyn
+
+    program = _rewrite.broadcast_shared(program, param_only, dynamic)
+    for _ in range(8):
+        pmask, dyn = _dependencies(program, layout, n_dyn)
+        rewritten = _rewrite.reassociate(program, param_only, dynamic)
+        if rewritten is program:
+            break
+        program = rewritten
+    pmask, dyn = _dependencies(program, layout, n_dyn)
+    eqns = program.eqns
+
+    # 2. Cut ops: weight operators (`_ops`) with a param-only weight and a dynamic
+    # other operand, in a form etrace can trace.
     cuts: dict[int, int] = {}
+    forms: dict[int, _ops.Form] = {}
     for i, e in enumerate(eqns):
-        if e.name in WEIGHT_PRIMS:
-            kinds = [param_only(a) for a in e.ins]
-            dyns = [isinstance(a, int) and a in dyn for a in e.ins]
-            if kinds[0] and dyns[1]:
-                cuts[i] = 0
-            elif kinds[1] and dyns[0]:
-                cuts[i] = 1
+        w_pos = _ops.weight_position(program, e, param_only, dynamic)
+        if w_pos is not None:
+            f = _ops.form(program, e, w_pos)
+            if f is not None:
+                cuts[i], forms[i] = w_pos, f
 
     # 3. Sinks (float new-state leaves) and the tail region behind them.
     out_state = program.outvars[n_y:]
@@ -337,14 +515,7 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
     roots = [out_state[j] for j in float_leaves if isinstance(out_state[j], int)]
     tail_all, stopped = tail_of(roots)  # pyright: ignore
     for i in sorted(tail_all):
-        if eqns[i].name in _labels.CONTROL:
-            raise EtraceError(
-                f"Unsupported primitive {_labels.describe(eqns[i])} in the recurrent "
-                "update: etrace cannot see through control flow between the "
-                "previous and the new hidden state. Write the update without "
-                "`lax.cond`/`while_loop`/`scan` (use `jnp.where` for branches), or "
-                "compute that part outside the recurrent update."
-            )
+        _check_tail_eqn(program, eqns[i], param_only, pmask, layout.paths)
     site_outs = sorted(
         v for v in stopped if (program.producer.get(v) in cuts) or param_only(v)
     )
@@ -486,6 +657,17 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
         m = pmask.get(v, 0)
         return tuple(i for i in range(n_dyn) if m >> i & 1)
 
+    model_leaves, _, _ = split_model(model)
+    structure = _Structure(
+        program,
+        dyn,
+        set(pmask),
+        {
+            invars[k]: np.asarray(model_leaves[k])
+            for k in range(n_dyn)
+            if not layout.is_param[k]
+        },
+    )
     sites: list[Site] = []
     units: list[Unit] = []
     used_names: dict[str, int] = {}
@@ -498,7 +680,10 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
         if not (feeds >= 0).any():
             continue
         if p is not None and p in cuts:
-            site = _matrix_site(program, p, cuts[p], param_names, names_of)
+            site = _matrix_site(program, p, forms[p], param_names, names_of)
+            pattern = site.canonical_w_np(structure.of(site.weight))
+            if not pattern.all():
+                site = dataclasses.replace(site, pattern=pattern)
         else:
             site = _elementwise_site(program, v, param_names, names_of)
         count = used_names.get(site.name, 0)
@@ -521,6 +706,13 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
             )
     units.sort(key=lambda u: groups.index(u.group))
     graph = Graph(tuple(groups), tuple(units))
+    mask_leaves = ()
+    if any(s.pattern is not None for s in sites):
+        where = {v: k for k, v in enumerate(invars[:n_dyn])}
+        mask_leaves = tuple(
+            (where[v], np.asarray(structure.known[v]) != 0)
+            for v in sorted(structure.used)
+        )
 
     # 6. The evaluation plan, for the active part only.
     active_sinks: list[list[_ir.Operand]] = [
@@ -637,13 +829,17 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
         program, groups, state_vars, sink_group, units
     )
     # Every weight op (cut or not) whose input depends on a new hidden value.
-    reads_new = {
-        i: 1 - w
-        for i, w in cuts.items()
-        if isinstance(eqns[i].ins[1 - w], int) and new_leaf.get(eqns[i].ins[1 - w], 0)
-    }
+    reads_new: dict[int, tuple[int, ...]] = {}
+    for i, w in cuts.items():
+        pos = tuple(
+            k
+            for k, a in enumerate(eqns[i].ins)
+            if k != w and isinstance(a, int) and new_leaf.get(a, 0)
+        )
+        if pos:
+            reads_new[i] = pos
     graph = _with_connections(
-        graph, [eqns[i].ins[p] for i, p in reads_new.items()], new_leaf
+        graph, [eqns[i].ins[k] for i, ks in reads_new.items() for k in ks], new_leaf
     )
     skeleton = eqx.combine(
         jtu.tree_unflatten(layout.treedef, [_Leaf(i) for i in range(n_dyn)]),
@@ -678,6 +874,7 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
         anc_all=anc_all,
         param_only_vars=param_only_vars,
         joint_params=joint_params,
+        mask_leaves=mask_leaves,
     )
 
 
@@ -732,11 +929,12 @@ def _group_dependencies(program, groups, state_vars, sink_group, units):
 
     out = {}
     for u in units:
-        x = u.site.x
-        if isinstance(x, int):
-            out[u.name] = (prev.get(x, 0), groups_of(new_leaf.get(x, 0)))
-        else:
-            out[u.name] = (0, 0)
+        p = n = 0
+        for x in u.site.inputs:
+            if isinstance(x, int):
+                p |= prev.get(x, 0)
+                n |= new_leaf.get(x, 0)
+        out[u.name] = (p, groups_of(n))
     return out, leaf_bit
 
 
@@ -750,7 +948,9 @@ def _with_connections(graph, weight_inputs, leaf_bit):
 
     downstream: dict[str, list[str]] = {g.name: [] for g in groups}
     for u in graph.units:
-        bits = bits_of(u.site.x)
+        bits = 0
+        for x in u.site.inputs:
+            bits |= bits_of(x)
         for b, (gi, _) in enumerate(flat):
             mine = downstream[groups[gi].name]
             if bits >> b & 1 and groups[gi] is not u.group and u.group.name not in mine:
@@ -817,48 +1017,31 @@ def _site_name(params: tuple[int, ...], paths: tuple[str, ...]) -> str:
     return "*".join(paths[i] for i in params) or "<constant>"
 
 
-def _matrix_site(program, i, w_pos, param_names, paths) -> Site:
+def _matrix_site(program, i, form: _ops.Form, param_names, paths) -> Site:
     eqn = program.eqns[i]
-    w, x = eqn.ins[w_pos], eqn.ins[1 - w_pos]
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    wc, xc = (lc, rc) if w_pos == 0 else (rc, lc)
-    wb, xb = (lb, rb) if w_pos == 0 else (rb, lb)
-    w_shape = program.aval(w).shape
-    x_shape = program.aval(x).shape
-    w_free = tuple(d for d in range(len(w_shape)) if d not in wc and d not in wb)
-    x_free = tuple(d for d in range(len(x_shape)) if d not in xc and d not in xb)
-    nb, nl, nr = len(lb), 0, 0
-    if w_pos == 0:
-        y_perm: tuple[int, ...] = ()
-    else:
-        nl, nr = len(x_free), len(w_free)
-        y_perm = (
-            tuple(range(nb))
-            + tuple(range(nb + nl, nb + nl + nr))
-            + tuple(range(nb, nb + nl))
-        )
-
-    def prod(shape, dims):
-        return int(np.prod([shape[d] for d in dims], dtype=int))
-
+    w = eqn.ins[form.w_pos]
+    inputs = tuple(a for k, a in enumerate(eqn.ins) if k != form.w_pos)
     params = param_names(w)
     return Site(
-        name=f"{_site_name(params, paths)} @ x",
+        name=form.name.format(_site_name(params, paths)),
         kind="matrix",
         out=eqn.outs[0],
         weight=w,
-        x=x,
+        x=next((a for a in inputs if isinstance(a, int)), None),
         eqn=i,
         params=params,
-        b=prod(w_shape, wb),
-        fw=prod(w_shape, w_free),
-        fx=prod(x_shape, x_free),
-        c=prod(w_shape, wc),
-        w_shape=tuple(w_shape),
-        w_perm=tuple(wb) + w_free + tuple(wc),
-        x_perm=tuple(xb) + x_free + tuple(xc),
-        y_perm=y_perm,
+        b=form.b,
+        fw=form.fw,
+        fx=form.fx,
+        c=form.c,
+        w_shape=tuple(program.aval(w).shape),
+        w_perm=form.w_perm,
+        y_perm=form.y_perm,
         dtype=program.avals[eqn.outs[0]].dtype,
+        op=eqn.name,
+        w_pos=form.w_pos,
+        inputs=inputs,
+        x_fn=form.x_fn,
     )
 
 
@@ -879,7 +1062,6 @@ def _elementwise_site(program, v, param_names, paths) -> Site:
         c=1,
         w_shape=shape,
         w_perm=tuple(range(len(shape))),
-        x_perm=(),
         y_perm=(),
         dtype=program.avals[v].dtype,
     )

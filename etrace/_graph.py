@@ -53,10 +53,16 @@ class Site:
 
     **Attributes:**
 
-    - `name`: a readable name, e.g. `cell.weight_ih @ x`.
-    - `kind`: `"matrix"` or `"elementwise"`.
+    - `name`: a readable name, e.g. `cell.weight_ih @ x`, `conv.weight * x`,
+        `embedding.weight[x]`.
+    - `kind`: `"matrix"` (a weight operator: a product, convolution or look-up,
+        see `etrace._ops`) or `"elementwise"`.
+    - `op`: the primitive of a weight operator (`"dot_general"`,
+        `"conv_general_dilated"`, `"gather"`, `"dynamic_slice"`), else `None`.
     - `params`: indices of the parameter leaves the site's weight depends on.
     - `b`, `fw`, `fx`, `c`: the canonical sizes.
+    - `pattern`: for a weight with structural zeros (a constant mask), a boolean
+        array `(B, Fw, C)` of the entries that can be non-zero; else `None`.
     """
 
     name: str
@@ -72,15 +78,20 @@ class Site:
     c: int
     w_shape: tuple[int, ...]
     w_perm: tuple[int, ...]
-    x_perm: tuple[int, ...]
     y_perm: tuple[int, ...]
     dtype: Any
+    op: str | None = None
+    w_pos: int = 0
+    inputs: tuple[Operand, ...] = ()
+    x_fn: Any = None
+    pattern: np.ndarray | None = None
 
-    def canonical_x(self, x: Any) -> Any:
-        """The op's input in canonical `(B, Fx, C)` form (ones for element-wise)."""
+    def canonical_x(self, *inputs: Any) -> Any:
+        """The op's input in canonical `(B, Fx, C)` form (ones for element-wise),
+        from its non-weight operands."""
         if self.kind == "elementwise":
             return jnp.ones((1, 1, 1), self.dtype)
-        return jnp.transpose(x, self.x_perm).reshape(self.b, self.fx, self.c)
+        return self.x_fn(inputs).astype(self.dtype)
 
     def canonical_y(self, y: Any) -> Any:
         """An array shaped like the site's output, in canonical `(B, Fw, Fx)` form."""
@@ -90,6 +101,10 @@ class Site:
     def canonical_y_np(self, y: np.ndarray) -> np.ndarray:
         y = np.transpose(y, self.y_perm) if self.y_perm else y
         return y.reshape(self.b, self.fw, self.fx)
+
+    def canonical_w_np(self, w: np.ndarray) -> np.ndarray:
+        """A NumPy array shaped like the weight, in canonical `(B, Fw, C)` form."""
+        return np.transpose(w, self.w_perm).reshape(self.b, self.fw, self.c)
 
     def weight_from_canonical(self, g: Any) -> Any:
         """Maps a canonical `(B, Fw, C)` weight gradient back to the weight's layout."""

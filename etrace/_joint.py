@@ -173,7 +173,10 @@ def run_step_joint(compiled, algorithm, dyn_leaves, state_leaves, x_leaves, trac
     for i in sorted(anc):
         e = eqns[i]
         if is_param_only(i):
-            main.update(zip(e.outs, _ir.bind(e, *(_plain(main, a) for a in e.ins))))
+            # Parameter-only values stay live; constants computed in the step (a
+            # broadcast zero, a converted mask) may have been put upstream.
+            args = (upstream[a] if a in upstream else _plain(main, a) for a in e.ins)
+            main.update(zip(e.outs, _ir.bind(e, *args)))
         else:
             upstream.update(zip(e.outs, _ir.bind(e, *(read_up(a) for a in e.ins))))
 

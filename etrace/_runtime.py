@@ -227,6 +227,7 @@ def run_step(
             "signal: pass it to the step, `learner.step(model, trace_state, x, "
             "target)` (`etrace.online_grad` does this for you)."
         )
+    dyn_leaves = _checked_masks(compiled, dyn_leaves)
     H = None
     if capability(algorithm, "full_diagonal", False):
         H = diagonal_blocks(compiled, dyn_leaves, state_leaves, x_leaves)
@@ -245,7 +246,7 @@ def run_step(
 
     def cut_operands(i: int, stop: bool) -> list[Any]:
         site = compiled.cut_sites[i]
-        wpos = _weight_pos(eqns[i], site)
+        wpos = site.w_pos
         args = []
         for pos, a in enumerate(eqns[i].ins):
             if pos == wpos:
@@ -299,7 +300,7 @@ def run_step(
 
     def read_main(i: int, pos: int, v: _ir.Operand) -> Any:
         value = read_by_mode(compiled.modes.get((i, pos), "plain"), v)
-        if feedback is not None and compiled.reads_new.get(i) == pos:
+        if feedback is not None and pos in compiled.reads_new.get(i, ()):
             # Feedback replaces the backward pass through weights that read hidden
             # values: nothing flows back through them.
             value = sg(value)
@@ -328,11 +329,15 @@ def run_step(
             site = u.site
             if site.kind == "matrix":
                 assert site.eqn is not None
-                pos = 1 - _weight_pos(eqns[site.eqn], site)
-                x = sg(read_main(site.eqn, pos, eqns[site.eqn].ins[pos]))
-                xs[u.name] = site.canonical_x(x)
+                ins = eqns[site.eqn].ins
+                operands = [
+                    sg(read_main(site.eqn, k, a))
+                    for k, a in enumerate(ins)
+                    if k != site.w_pos
+                ]
+                xs[u.name] = site.canonical_x(*operands)
             else:
-                xs[u.name] = site.canonical_x(None)
+                xs[u.name] = site.canonical_x()
         jac = Jacobians(
             D={group.name: D},
             Df={u.name: d for u, d in zip(units, Df)},
@@ -384,10 +389,32 @@ def run_step(
     return y, new_state, new_traces
 
 
-def _weight_pos(eqn: _ir.Eqn, site: Any) -> int:
-    ins = eqn.ins
-    if ins[0] == site.weight and ins[1] != site.weight:
-        return 0
-    if ins[1] == site.weight and ins[0] != site.weight:
-        return 1
-    return 0 if site.x == ins[1] else 1
+def _is_concrete(a: Any) -> bool:
+    try:
+        bool(a)
+    except jax.errors.ConcretizationTypeError:
+        return False
+    return True
+
+
+def _checked_masks(compiled: Compiled, dyn_leaves: list[Any]) -> list[Any]:
+    """Refuses a mask that gained non-zeros since `compile`: traces are only kept
+    where the compiled mask was non-zero."""
+    if not compiled.mask_leaves:
+        return dyn_leaves
+    dyn_leaves = list(dyn_leaves)
+    for k, nonzero in compiled.mask_leaves:
+        leaf = dyn_leaves[k]
+        grown = jnp.any((leaf != 0) & ~jnp.asarray(nonzero))
+        message = (
+            f"The mask `{compiled.layout.paths[k]}` is non-zero where it was zero "
+            "when the model was compiled; traces exist only where it was non-zero "
+            "then. Call `etrace.compile` again after changing a mask (removing "
+            "entries is fine)."
+        )
+        if not isinstance(grown, jax.Array) or _is_concrete(grown):
+            if bool(grown):
+                raise EtraceError(message)
+        else:
+            dyn_leaves[k] = eqx.error_if(leaf, grown, message)
+    return dyn_leaves

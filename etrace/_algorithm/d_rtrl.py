@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from .._graph import Unit
@@ -25,20 +27,59 @@ def diagonal_readout(trace, signal):
     return jnp.einsum("bwfk,bwfck->bwc", signal, trace)
 
 
+def nonzeros(unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The canonical `(b, w, c)` coordinates of a masked weight's possible
+    non-zeros, in `np.nonzero(unit.site.pattern)` order."""
+    assert unit.site.pattern is not None
+    b, w, c = np.nonzero(unit.site.pattern)
+    return b, w, c
+
+
+def sparse_init(unit: Unit) -> Float[Array, "nnz f k"]:
+    """A zero D-RTRL trace `(nnz, Fx, K)` kept at a masked weight's non-zeros."""
+    nnz = len(nonzeros(unit)[0])
+    return jnp.zeros((nnz, unit.site.fx, unit.k), unit.site.dtype)
+
+
+def sparse_update(unit: Unit, trace, D, Df, x):
+    """`diagonal_update` at the non-zeros only."""
+    b, w, c = nonzeros(unit)
+    decayed = jnp.einsum("nfkj,nfj->nfk", D[b, w], trace)
+    return decayed + Df[b, w] * x[b, :, c][..., None]
+
+
+def sparse_readout(unit: Unit, trace, signal):
+    """`diagonal_readout` at the non-zeros, scattered to canonical `(B, Fw, C)`."""
+    b, w, c = nonzeros(unit)
+    s = unit.site
+    grad = jnp.einsum("nfk,nfk->n", signal[b, w], trace)
+    return jnp.zeros((s.b, s.fw, s.c), grad.dtype).at[b, w, c].set(grad)
+
+
 class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
     """An algorithm whose per-unit trace is D-RTRL's (`D_RTRL`, the OSTL variants,
     `OSTTP`): they differ in the Jacobian the trace recurs with or in the learning
     signal, not in the trace."""
 
-    def init_unit(self, unit: Unit) -> Float[Array, "b w f c k"]:
+    def stores_sparse(self, unit: Unit) -> bool:
+        """Whether `unit`'s trace is kept at its weight's non-zeros only: for a
+        weight with structural zeros (a constant mask), unless disabled."""
+        return unit.site.pattern is not None and getattr(self, "sparse", True)
+
+    def init_unit(self, unit: Unit) -> Float[Array, "*trace"]:
+        if self.stores_sparse(unit):
+            return sparse_init(unit)
         return diagonal_init(unit)
 
     def update_unit(self, unit, trace, D, Df, x):
-        del unit
+        if self.stores_sparse(unit):
+            return sparse_update(unit, trace, D, Df, x)
         return diagonal_update(trace, D, Df, x)
 
     def gradient_unit(self, unit, trace, signal, Df, x):
-        del unit, Df, x
+        del Df, x
+        if self.stores_sparse(unit):
+            return sparse_readout(unit, trace, signal)
         return diagonal_readout(trace, signal)
 
 
@@ -55,6 +96,15 @@ class D_RTRL(AbstractDiagonalAlgorithm):
     $c^t = \partial L^t / \partial h^t$. Element-wise parameters are the case $x = 1$.
     Memory is $O(|W| K)$ per example.
 
+    A weight with structural zeros (`(mask * W) @ x` with a constant mask, or a
+    mask kept as a boolean/integer array of the model) keeps its trace at the
+    mask's non-zeros only, `(nnz, Fx, K)` in `np.nonzero(unit.site.pattern)` order,
+    instead of `(B, Fw, Fx, C, K)`; the gradient is zero off the mask.
+
+    **Arguments:**
+
+    - `sparse`: `False` to keep dense traces for masked weights too.
+
     Exact (equal to BPTT) when every recurrence is element-wise: one temporal layer,
     no hidden-to-hidden weight, a readout without state of its own. With recurrent
     weights it drops the paths through them (the diagonal approximation).
@@ -63,3 +113,5 @@ class D_RTRL(AbstractDiagonalAlgorithm):
     feedback" (2019); Zucchet et al., "Online learning of long-range dependencies"
     (2023); the trace in this form is the D-RTRL of braintrace/brainstate.
     """
+
+    sparse: bool = eqx.field(default=True, static=True)
