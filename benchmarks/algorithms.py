@@ -70,6 +70,14 @@ def trace_bytes(learner: etrace.Learner) -> int:
 
 
 def step_time(learner, model, batch, n_in, repeats) -> float:
+    x = jr.normal(jr.key(1), (batch, n_in), jnp.float32)
+    y = jr.normal(jr.key(2), (batch, n_in), jnp.float32)
+    return batch_step_time(learner, model, x, y, repeats)
+
+
+def batch_step_time(learner, model, x, y, repeats) -> float:
+    """Median seconds of one jitted training step on the batch `x` (leading axis),
+    trace state carried, after compilation."""
     step = jax.vmap(learner.step, in_axes=(None, 0, 0))
 
     @eqx.filter_jit
@@ -81,9 +89,7 @@ def step_time(learner, model, batch, n_in, repeats) -> float:
         grads, ts = eqx.filter_grad(loss, has_aux=True)(model)
         return grads, ts
 
-    ts = learner.init(batch_size=batch)
-    x = jr.normal(jr.key(1), (batch, n_in), jnp.float32)
-    y = jr.normal(jr.key(2), (batch, n_in), jnp.float32)
+    ts = learner.init(batch_size=len(y))
     grads, ts = jax.block_until_ready(train_step(model, ts, x, y))
     times = []
     for _ in range(repeats):

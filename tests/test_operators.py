@@ -704,3 +704,25 @@ def test_every_algorithm_runs_on_a_masked_spiking_layer():
         grads, _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
         assert np.all(np.isfinite(np.asarray(grads.w_in)))
         assert np.all(np.asarray(grads.w_in)[~MASK] == 0), type(algorithm).__name__
+
+
+def test_exact_regime_verdicts_on_the_new_operators():
+    verdicts = {}
+    for name, cls, x0 in [
+        ("conv", ConvLIF, jnp.zeros((2, 6))),
+        ("recurrent conv", RecurrentConvLIF, jnp.zeros((2, 6))),
+        ("embedding", EmbeddingLIF, jnp.array(1)),
+    ]:
+        model, state = eqx.nn.make_with_state(cls)(jax.random.key(0))
+        learner, _ = etrace.compile(model, x0, state=state)
+        verdicts[name] = et.exact_regime(etrace.D_RTRL(), learner)
+    for form in ("chain", "shared"):
+        model, h0, xs, _ = _low_rank(form)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", etrace.EtraceWarning)
+            learner, _ = etrace.compile(model, xs[0], state=h0)
+        verdicts[form] = et.exact_regime(etrace.D_RTRL(), learner)
+    assert verdicts["conv"] and verdicts["embedding"] and verdicts["chain"]
+    assert not verdicts["recurrent conv"] and not verdicts["shared"]
+    assert "conv.weight * x" in str(verdicts["recurrent conv"])
+    assert "`b`" in str(verdicts["shared"])

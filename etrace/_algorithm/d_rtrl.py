@@ -41,19 +41,34 @@ def sparse_init(unit: Unit) -> Float[Array, "nnz f k"]:
     return jnp.zeros((nnz, unit.site.fx, unit.k), unit.site.dtype)
 
 
+def _rows(a, index):
+    """`a[index]` on the flattened leading axis, for static sorted indices."""
+    return a.at[index].get(indices_are_sorted=True, mode="promise_in_bounds")
+
+
 def sparse_update(unit: Unit, trace, D, Df, x):
     """`diagonal_update` at the non-zeros only."""
+    s = unit.site
     b, w, c = nonzeros(unit)
-    decayed = jnp.einsum("nfkj,nfj->nfk", D[b, w], trace)
-    return decayed + Df[b, w] * x[b, :, c][..., None]
+    bw = b * s.fw + w
+    D = _rows(D.reshape((s.b * s.fw,) + D.shape[2:]), bw)
+    Df = _rows(Df.reshape((s.b * s.fw,) + Df.shape[2:]), bw)
+    x = _rows(jnp.swapaxes(x, 1, 2).reshape(s.b * s.c, s.fx), b * s.c + c)
+    return jnp.einsum("nfkj,nfj->nfk", D, trace) + Df * x[..., None]
 
 
 def sparse_readout(unit: Unit, trace, signal):
     """`diagonal_readout` at the non-zeros, scattered to canonical `(B, Fw, C)`."""
-    b, w, c = nonzeros(unit)
     s = unit.site
-    grad = jnp.einsum("nfk,nfk->n", signal[b, w], trace)
-    return jnp.zeros((s.b, s.fw, s.c), grad.dtype).at[b, w, c].set(grad)
+    b, w, c = nonzeros(unit)
+    signal = _rows(signal.reshape((s.b * s.fw,) + signal.shape[2:]), b * s.fw + w)
+    grad = jnp.einsum("nfk,nfk->n", signal, trace)
+    # Scatter as a gather (faster on CPU): every canonical entry reads its non-zero,
+    # or the appended zero.
+    where = np.full(s.b * s.fw * s.c, len(b))
+    where[(b * s.fw + w) * s.c + c] = np.arange(len(b))
+    padded = jnp.concatenate([grad, jnp.zeros(1, grad.dtype)])
+    return padded[where].reshape(s.b, s.fw, s.c)
 
 
 class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
