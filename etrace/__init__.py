@@ -34,6 +34,7 @@ from ._sequence import (
     Comparison as Comparison,
     online_grad as online_grad,
 )
+from ._shard import shard_batch as shard_batch
 
 
 __version__ = "0.1.0"

@@ -83,12 +83,23 @@ class Learner(eqx.Module):
     every call, so one learner serves the model throughout training.
 
     Differentiating any loss of `step`'s output with respect to the model gives the
-    algorithm's online gradient for that step (see `step`).
+    algorithm's online gradient for that step (see `step`). `print(learner)` shows
+    `summary()`.
+
+    **Attributes:**
+
+    - `algorithm`: the online algorithm (an `etrace.AbstractAlgorithm`).
+    - `graph`: the hidden groups and traced units the compiler found (an
+        `etrace.Graph`).
+    - `init_state`: the model's initial hidden state, as passed to `compile`.
+    - `check_finite`: whether `step` checks that traces and gradients are finite
+        (see `etrace.compile`).
     """
 
     algorithm: AbstractAlgorithm
     compiled: Compiled = eqx.field(static=True)
     init_state: PyTree[Array]
+    check_finite: bool = eqx.field(static=True, default=False)
 
     @property
     def graph(self) -> Graph:
@@ -122,10 +133,16 @@ class Learner(eqx.Module):
         **Raises:**
 
         `EtraceError` if the model, the input or the trace state do not match what
-        was compiled.
+        was compiled. With `check_finite` (see `etrace.compile`), a runtime error
+        naming the parameter when a trace or a gradient stops being finite.
         """
         c = self.compiled
         dyn, treedef, static = split_model(model)
+        if self.check_finite:
+            dyn = [
+                _finite_gradient(leaf, path) if is_p else leaf
+                for leaf, path, is_p in zip(dyn, c.layout.paths, c.layout.is_param)
+            ]
         if treedef != c.layout.treedef or not _static_equal(static, c.layout.static):
             raise EtraceError(_structure_message(model, c))
         _check_leaves(
@@ -173,12 +190,26 @@ class Learner(eqx.Module):
             trace_state.t,
             target,
         )
+        if self.check_finite:
+            traces = {
+                k: _finite_trace(v, self._trace_owner(k)) for k, v in traces.items()
+            }
         new = TraceState(
             state=jtu.tree_unflatten(c.state_def, new_state),
             traces=traces,
             t=trace_state.t + 1,
         )
         return jtu.tree_unflatten(c.y_def, y), new
+
+    def _trace_owner(self, key: str) -> str:
+        """The parameters a trace belongs to, for error messages."""
+        paths = self.compiled.layout.paths
+        for u in self.graph.units:
+            if u.name == key:
+                return ", ".join(f"`{paths[k]}`" for k in u.site.params)
+        if key in paths:
+            return f"`{key}`"
+        return "every parameter that reaches a hidden state"
 
     # `batch_size` is validated below with an `EtraceError`, hence `Any`.
     def init(self, batch_size: Any = None) -> TraceState:
@@ -216,6 +247,15 @@ class Learner(eqx.Module):
         """Zero traces and step counter, and the initial hidden state, keeping shapes.
 
         Use it between independent sequences.
+
+        **Arguments:**
+
+        - `trace_state`: a trace state of this learner, batched or not.
+
+        **Returns:**
+
+        A fresh `TraceState` (as from `init`) with the same batch size as
+        `trace_state`.
         """
         t = jnp.asarray(trace_state.t)
         if t.ndim == 0:
@@ -275,7 +315,16 @@ class Learner(eqx.Module):
         return {g: v[0] if len(v) == 1 else tuple(v) for g, v in out.items()}
 
     def summary(self) -> str:
-        """A table of every parameter's role, trace shape and memory, and the groups."""
+        """A table of every parameter's role, trace shape and memory, and the groups.
+
+        **Returns:**
+
+        A multi-line string: the hidden groups (`N` neurons, `K` states each, their
+        state leaves); for every parameter its path, shape, role (`matrix`,
+        `elementwise`, `one-step`, `one-step*` or `none`), trace shape, trace bytes
+        per example and the reason for its role; and the total trace memory per
+        example.
+        """
         c = self.compiled
         itemsize = {}
         lines = [f"etrace.Learner with {type(self.algorithm).__name__}", ""]
@@ -390,6 +439,7 @@ def compile(
     *,
     algorithm: Any = None,
     state: Any = None,
+    check_finite: bool = False,
 ) -> tuple[Learner, TraceState]:
     """Analyses a model's step once and returns a learner and zero traces.
 
@@ -402,6 +452,10 @@ def compile(
     - `state`: the initial hidden state. Defaults to `eqx.nn.State(model)`; required
         for a model built with `eqx.nn.make_with_state`, or when the state is a plain
         pytree.
+    - `check_finite`: a numerical guard. If `True`, every `step` checks that each
+        trace and each parameter's gradient is finite (with `eqx.error_if`, so it
+        works under `jit`), and fails with an error naming the parameter when one is
+        not. Off by default: it costs one reduction per trace and gradient.
 
     **Returns:**
 
@@ -432,5 +486,39 @@ def compile(
     attach_pattern(compiled, model, sample_input, state)
     if getattr(algorithm, "routing", "group") == "group":
         warn_one_step(compiled)
-    learner = Learner(algorithm, compiled, _clone(state))
+    learner = Learner(algorithm, compiled, _clone(state), bool(check_finite))
     return learner, learner.init()
+
+
+_NON_FINITE = """\
+{what} of {owner} is not finite (inf or NaN) at this step. Typical causes: a
+learning rate or input scale that makes the weights diverge, or traces that grow
+without bound (a recurrence with |D| > 1). Lower the learning rate, clip the
+gradients (`optax.clip_by_global_norm`), or clip the traces by wrapping the
+algorithm (see `examples/custom_algorithm.py`)."""
+
+
+def _finite_trace(trace: Any, owner: str) -> Any:
+    bad = jnp.array(False)
+    for leaf in jtu.tree_leaves(trace):
+        bad = bad | ~jnp.all(jnp.isfinite(leaf))
+    message = _NON_FINITE.format(what="The trace", owner=owner)
+    return jtu.tree_map(lambda leaf: eqx.error_if(leaf, bad, message), trace)
+
+
+def _finite_gradient(leaf: Any, path: str) -> Any:
+    """An identity whose backward pass checks the parameter's gradient."""
+    message = _NON_FINITE.format(what="The gradient", owner=f"parameter `{path}`")
+
+    @jax.custom_vjp
+    def identity(x):
+        return x
+
+    def fwd(x):
+        return x, None
+
+    def bwd(_, g):
+        return (eqx.error_if(g, ~jnp.all(jnp.isfinite(g)), message),)
+
+    identity.defvjp(fwd, bwd)
+    return identity(leaf)

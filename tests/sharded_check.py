@@ -1,0 +1,54 @@
+"""Run in a subprocess with 4 virtual CPU devices (see `test_reliability.py`)."""
+
+import json
+import sys
+
+import jax
+
+
+jax.config.update("jax_enable_x64", True)
+
+import equinox as eqx  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
+
+import etrace  # noqa: E402
+
+
+sys.path.insert(0, "examples")
+import data_parallel  # noqa: E402
+
+
+report = data_parallel.check(
+    *etrace.compile(
+        model := data_parallel.Net(16, jax.random.key(0)),
+        jnp.zeros(1),
+        state=jnp.zeros(16),
+    )[:1],
+    model,
+    jax.make_mesh((4,), ("batch",), axis_types=(AxisType.Auto,)),
+    batch=8,
+    length=12,
+)
+mesh = jax.make_mesh((4,), ("batch",), axis_types=(AxisType.Auto,))
+errors = {}
+for name, call in {
+    "indivisible": lambda: etrace.shard_batch(jnp.zeros((6, 3)), mesh),
+    "no_axis": lambda: etrace.shard_batch(jnp.zeros(()), mesh),
+    "axis_name": lambda: etrace.shard_batch(
+        jnp.zeros((4,)), jax.make_mesh((2, 2), ("a", "b"))
+    ),
+    "not_a_mesh": lambda: etrace.shard_batch(jnp.zeros((4,)), "mesh"),
+}.items():
+    try:
+        call()
+        errors[name] = None
+    except etrace.EtraceError as err:
+        errors[name] = str(err)
+sharded = etrace.shard_batch({"a": jnp.zeros((8, 3)), "b": 1.0}, mesh)
+report["shard_shape"] = list(sharded["a"].addressable_shards[0].data.shape)
+report["errors"] = errors
+report["x64"] = bool(
+    eqx.filter(model, eqx.is_array).cell.weight_ih.dtype == jnp.float64
+)
+print(json.dumps(report))
