@@ -247,10 +247,5 @@ def _check_long_run(steps, chunk):
     assert temp(steps) == temp(chunk)  # memory does not grow with the length
 
 
-def test_long_run_in_chunks_equals_one_piece():
-    _check_long_run(6_000, 1_500)
-
-
-@pytest.mark.slow
-def test_hundred_thousand_steps_in_chunks():
+def test_hundred_thousand_steps_in_chunks_equal_one_piece():
     _check_long_run(100_000, 10_000)
