@@ -481,7 +481,7 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
     program = _rewrite.broadcast_shared(program, param_only, dynamic)
     for _ in range(8):
         pmask, dyn = _dependencies(program, layout, n_dyn)
-        rewritten = _rewrite.reassociate(program, param_only, dynamic)
+        rewritten = _rewrite.reassociate(program, param_only, dynamic, n_state)
         if rewritten is program:
             break
         program = rewritten

@@ -163,10 +163,33 @@ def _composed(program: _ir.Program, outer: _ir.Eqn, wo: int, inner: _ir.Eqn, wi:
     return w_eqns + y_eqns[:-1] + [last]
 
 
+def _feeds_state(program: _ir.Program, n_state: int) -> set[int]:
+    """The equations the new state depends on."""
+    stack = [v for v in program.outvars[len(program.outvars) - n_state :]]
+    seen: set[int] = set()
+    eqns: set[int] = set()
+    while stack:
+        v = stack.pop()
+        if not isinstance(v, int) or v in seen:
+            continue
+        seen.add(v)
+        p = program.producer.get(v)
+        if p is not None and p not in eqns:
+            eqns.add(p)
+            stack.extend(program.eqns[p].ins)
+    return eqns
+
+
 def reassociate(
-    program: _ir.Program, param_only: Callable[[Any], bool], dynamic: Callable
+    program: _ir.Program,
+    param_only: Callable[[Any], bool],
+    dynamic: Callable,
+    n_state: int,
 ) -> _ir.Program:
+    """Only products that the new state depends on are re-associated: in a readout
+    the product of the factors would cost more and gain nothing."""
     users = _consumers(program)
+    upstream = _feeds_state(program, n_state)
     outputs = {v for v in program.outvars if isinstance(v, int)}
     replace: dict[int, list[_ir.Eqn]] = {}
     drop: set[int] = set()
@@ -183,6 +206,8 @@ def reassociate(
             outer = program.eqns[i]
             wo = _product_weight(outer, param_only, dynamic)
             if wo is None or outer.ins[1 - wo] != z or i in replace:
+                break
+            if i not in upstream:
                 break
             got = _composed(program, outer, wo, inner, wi)
             if got is None:

@@ -726,3 +726,24 @@ def test_exact_regime_verdicts_on_the_new_operators():
     assert not verdicts["recurrent conv"] and not verdicts["shared"]
     assert "conv.weight * x" in str(verdicts["recurrent conv"])
     assert "`b`" in str(verdicts["shared"])
+
+
+def test_low_rank_readout_is_left_as_written():
+    class FactorisedReadout(eqx.Module):
+        a: jax.Array
+        b: jax.Array
+        w: jax.Array
+
+        def __call__(self, x, h):
+            h = jnp.tanh(self.w @ x + 0.5 * h)
+            return self.a @ (self.b @ h), h  # (50, 2) @ (2, 4): cheaper unfused
+
+    model = FactorisedReadout(
+        _normal(0, (50, 2)), _normal(1, (2, 4)), _normal(2, (4, 3))
+    )
+    learner, _ = etrace.compile(model, jnp.ones(3), state=jnp.zeros(4))
+    products = [e for e in learner.compiled.program.eqns if e.name == "dot_general"]
+    shapes = sorted(
+        tuple(learner.compiled.program.aval(e.outs[0]).shape) for e in products
+    )
+    assert shapes == [(2,), (4,), (50,)]  # no (50, 4) product of the factors
