@@ -1,5 +1,9 @@
 """Development sessions: `nox -s tests` (default), `slow`, `lint`, `typecheck`."""
 
+import json
+import os
+import pathlib
+
 import nox
 
 
@@ -37,8 +41,73 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session
+def docs(session: nox.Session) -> None:
+    """Builds the documentation site into `site/`; any warning fails the build."""
+    session.install("-e", ".[docs]")
+    session.run(
+        "mkdocs",
+        "build",
+        "--strict",
+        "--site-dir",
+        "site",
+        *session.posargs,
+        env={"NO_MKDOCS_2_WARNING": "1"},  # silences a theme banner, not a check
+    )
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: print tables and write JSON under `benchmarks/results/`."""
     session.install("-e", ".[examples]")
     session.run("python", "benchmarks/memory.py", *session.posargs)
     session.run("python", "benchmarks/algorithms.py")
+    session.run("python", "benchmarks/operators.py")
+
+
+@nox.session
+def results(session: nox.Session) -> None:
+    """Runs the copy-task, spiking-digits and evidence-accumulation examples with
+    their defaults and writes `docs/results.md` (about 5 minutes on 2 CPUs)."""
+    session.install("-e", ".[examples]")
+    session.run("python", "benchmarks/results.py", *session.posargs)
+
+
+@nox.session
+def bench_training(session: nox.Session) -> None:
+    """Training step against BPTT (`training.py`) and trace update against the
+    roofline (`roofline.py`); arguments after `--` go to both, e.g. `-- --quick`."""
+    session.install("-e", ".[examples]")
+    session.run("python", "benchmarks/training.py", *session.posargs)
+    session.run("python", "benchmarks/roofline.py", *session.posargs)
+
+
+# braintrace and the versions of its dependencies the comparison was measured with.
+PEER = (
+    "braintrace==0.2.8",
+    "brainstate==0.6.0",
+    "brainpy==2.9.0",
+    "braintools==0.4.0",
+    "brainunit==0.6.0",
+    "brainevent==0.3.0",
+)
+
+
+def _training_jax() -> str:
+    """`jax==V` for the jax version `training.py` recorded, so that both libraries
+    are measured on the same jax; unpinned if it has not been run."""
+    path = pathlib.Path("benchmarks/results/training.json")
+    if path.exists():
+        return f"jax=={json.loads(path.read_text())['jax']}"
+    return "jax"
+
+
+@nox.session(python="3.12")
+def bench_peer(session: nox.Session) -> None:
+    """braintrace (Python >= 3.12) on the models of `training.py`, then the side by
+    side comparison if `training.py` has been run. Arguments after `--` go to
+    `peer_braintrace.py`. `BENCH_PEER_JAX` overrides the jax requirement, e.g.
+    `BENCH_PEER_JAX="jax[cuda12]==0.10.2"` on a CUDA machine."""
+    session.install(*PEER, os.environ.get("BENCH_PEER_JAX") or _training_jax())
+    session.run("python", "benchmarks/peer_braintrace.py", *session.posargs)
+    if pathlib.Path("benchmarks/results/training.json").exists():
+        session.run("python", "benchmarks/compare_peer.py")

@@ -251,6 +251,13 @@ def compare(
     Runs `online_grad` from `trace_state` and `bptt_grad` from `trace_state.state`
     on the same data. `print(result)` shows a table.
 
+    **Arguments:**
+
+    - `learner`, `loss_fn`, `model`, `xs`, `targets`, `mask`: as for `online_grad`.
+    - `trace_state`: where to start, usually `learner.init()` (or
+        `learner.init(batch_size=B)` for a batch, with `xs` and `targets` batched on
+        axis 1). BPTT starts from its hidden state.
+
     **Returns:**
 
     A `Comparison` with relative error and cosine similarity per parameter.

@@ -167,6 +167,19 @@ def evaluate(model, state, task, xs, targets):
     return loss, accuracy
 
 
+def memory_bytes(learner: etrace.Learner | None, state: Any, num_steps: int) -> int:
+    """Per example: the online algorithm's traces, or for BPTT (`learner=None`) the
+    hidden state of every step, the least its backward pass must keep."""
+    if learner is None:
+        leaves = jtu.tree_leaves(state)
+        return num_steps * sum(x.size * x.dtype.itemsize for x in leaves)
+    shapes = jax.eval_shape(learner.init)
+    return sum(
+        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+        for x in jtu.tree_leaves(shapes.traces)
+    )
+
+
 def available_algorithms(decay: float) -> dict[str, Any]:
     algorithms = {"d_rtrl": etrace.D_RTRL()}
     # ES-D-RTRL may be missing from an older etrace; the example then runs without it.
@@ -282,12 +295,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     for name in names:
         if name == "bptt":
             gradient = eqx.Partial(bptt_gradient, state)
+            memory = memory_bytes(None, state, task.num_steps)
         else:
             sample = jnp.zeros(task.n_in, jnp.float32)
             learner, _ = etrace.compile(
                 model, sample, state=state, algorithm=online[name]
             )
             gradient = eqx.Partial(online_gradient, learner)
+            memory = memory_bytes(learner, state, task.num_steps)
         trained, losses, compile_s, per_step = train(
             name, gradient, task, optim, model, data_key, args.steps
         )
@@ -298,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
             accuracy=float(accuracy),
             seconds_per_step=per_step,
             compile_seconds=compile_s,
+            memory_bytes=memory,
         )
     wall = time.perf_counter() - wall
 

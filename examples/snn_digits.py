@@ -188,6 +188,19 @@ def evaluate(model, state, mask, xs, labels):
     return accuracy, jnp.mean(zs)
 
 
+def memory_bytes(learner: etrace.Learner | None, state: Any, num_steps: int) -> int:
+    """Per example: the online algorithm's traces, or for BPTT (`learner=None`) the
+    hidden state of every step, the least its backward pass must keep."""
+    if learner is None:
+        leaves = jtu.tree_leaves(state)
+        return num_steps * sum(x.size * x.dtype.itemsize for x in leaves)
+    shapes = jax.eval_shape(learner.init)
+    return sum(
+        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+        for x in jtu.tree_leaves(shapes.traces)
+    )
+
+
 LABELS = {"es_d_rtrl": "ES-D-RTRL", "eprop": "e-prop", "bptt": "BPTT"}
 
 
@@ -338,12 +351,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     for name in args.methods:
         if name == "bptt":
             gradient = eqx.Partial(bptt_gradient, state)
+            memory = memory_bytes(None, state, args.time_steps)
         else:
             sample = jnp.zeros(N_IN, jnp.float32)
             learner, _ = etrace.compile(
                 model, sample, state=state, algorithm=algorithms[name]
             )
             gradient = eqx.Partial(online_gradient, learner)
+            memory = memory_bytes(learner, state, args.time_steps)
         fixed = (gradient, encoding, optim, images, labels)
         trained, losses, compile_s, per_step = train(
             name, fixed, model, data_key, args.steps
@@ -357,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
             seconds_per_step=per_step,
             compile_seconds=compile_s,
             firing_rate=float(rate),
+            memory_bytes=memory,
         )
     wall = time.perf_counter() - wall
 

@@ -72,6 +72,8 @@ def test_subclass_overriding_update_is_used():
     assert max(leaf_errors(halved.readout, plain.readout).values()) <= 1e-12
 
 
-def test_custom_algorithm_example_runs(wrappers):
-    summary = wrappers.main(["--hidden", "4", "--length", "6"])
+def test_custom_algorithm_example_runs(wrappers, tmp_path):
+    out = tmp_path / "custom.png"
+    summary = wrappers.main(["--hidden", "4", "--length", "6", "--plot", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(summary) == {"D-RTRL", "ClipTraces(D-RTRL)", "ClipGradNorm(D-RTRL)"}

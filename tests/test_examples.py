@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import pathlib
 import sys
 
@@ -97,3 +98,142 @@ def test_algorithms_benchmark_smoke(tmp_path):
     assert {r["algorithm"] for r in rows} >= {"D-RTRL", "RTRL", "UORO"}
     assert all(r["trace_bytes_per_example"] > 0 for r in rows)
     assert json.loads(out.read_text())["results"]
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "examples/evidence_accumulation.py",
+        "examples/equinox_embedding.py",
+        "examples/gradient_fidelity.py",
+        "examples/custom_algorithm.py",
+    ],
+)
+def test_example_help_exits_zero(script, capsys):
+    pytest.importorskip("optax")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    module = _load(script)
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--help"])
+    assert stop.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_evidence_accumulation_smoke(tmp_path):
+    pytest.importorskip("optax")
+    pytest.importorskip("matplotlib")
+    module = _load("examples/evidence_accumulation.py")
+    out = tmp_path / "cues.png"
+    sizes = (
+        "--steps 3 --batch 4 --lif 4 --alif 4 --cues 3 --cue-steps 2 --gap-steps 1 "
+        "--delay 2 --recall-steps 2 --population 2 --test-size 8"
+    ).split()
+    results = module.main([*sizes, "--plot", str(out)])
+    assert set(results) == {"eprop", "es_d_rtrl", "bptt"}
+    for r in results.values():
+        assert 0 <= r["accuracy"] <= 1
+        assert 0 <= r["firing_rate"] <= 1
+        assert r["seconds_per_step"] > 0
+        assert r["memory_bytes"] > 0
+        assert len(r["losses"]) == 3
+        assert all(math.isfinite(v) for v in (r["loss"], r["train_loss"]))
+    # e-prop keeps a trace per synapse; ES-D-RTRL a factored one.
+    assert results["eprop"]["memory_bytes"] > results["es_d_rtrl"]["memory_bytes"]
+    assert out.read_bytes()[:8] == PNG
+
+
+def test_evidence_accumulation_task_layout():
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    pytest.importorskip("optax")
+    pytest.importorskip("matplotlib")
+    module = _load("examples/evidence_accumulation.py")
+    task = module.CueTask(
+        cues=3,
+        cue_steps=2,
+        gap_steps=1,
+        delay=2,
+        recall_steps=2,
+        population=2,
+        cue_rate=1.0,
+        noise_rate=0.0,
+        batch=16,
+    )
+    xs, targets = task.sample(jr.key(0))
+    assert xs.shape == (task.num_steps, 16, 8)
+    assert targets.shape == (task.num_steps, 16)
+    # With certain spikes and no noise, the label is the side with more bursts.
+    left = jnp.sum(xs[:, :, 0], axis=0)
+    right = jnp.sum(xs[:, :, 2], axis=0)
+    assert bool(jnp.all((right > left) == (targets[0] == 1)))
+    assert bool(jnp.all(xs[task.recall_start :, :, 4:6] == 1))
+    assert float(jnp.sum(task.mask())) == task.recall_steps
+
+
+def test_equinox_embedding_smoke(tmp_path):
+    pytest.importorskip("optax")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    module = _load("examples/equinox_embedding.py")
+    out = tmp_path / "embedding.png"
+    sizes = "--steps 4 --batch 4 --hidden 8 --features 8 --digits-per-stream 3"
+    summary = module.main([*sizes.split(), "--plot", str(out)])
+    # Resuming from the checkpoint reproduces the uninterrupted run exactly; fresh
+    # traces do not.
+    assert summary["resume_difference"] == 0.0
+    assert summary["fresh_traces_difference"] > 0.0
+    # The encoder gets a gradient from the same step as the GRU; the projection none.
+    assert all(v > 0 for v in summary["first_step_grad_norms"].values())
+    assert summary["frozen_parameters"] == 8 * 8
+    assert 0 <= summary["accuracy"] <= 1
+    assert len(summary["losses"]) == 4
+    assert out.read_bytes()[:8] == PNG
+
+
+def test_gradient_fidelity_smoke(tmp_path):
+    pytest.importorskip("matplotlib")
+    module = _load("examples/gradient_fidelity.py")
+    out = tmp_path / "fidelity.png"
+    sizes = "--hidden 4 --length 6 --batch 2 --uoro-samples 1"
+    rows = module.main(
+        [*sizes.split(), "--algorithms", "RTRL", "OSTTP", "--plot", str(out)]
+    )
+    assert set(rows) == {"RTRL", "OSTTP"}
+    # RTRL is exact (float64 by default); OSTTP follows a projection of the target.
+    assert rows["RTRL"]["error"] < 1e-9 and rows["RTRL"]["cosine"] > 1 - 1e-9
+    assert rows["RTRL"]["not_exact"] == []
+    assert rows["OSTTP"]["error"] > 1e-6
+    for r in rows.values():
+        assert r["trace_bytes"] > 0
+        assert set(r["per_parameter"]) >= {"synapses.weight", "readout.weight"}
+    assert out.read_bytes()[:8] == PNG
+
+
+def test_results_page_smoke(tmp_path):
+    pytest.importorskip("optax")
+    pytest.importorskip("matplotlib")
+    module = _load("benchmarks/results.py")
+    measured = module.run_task(
+        "copying_task", tmp_path, ["--steps", "2", "--hidden", "8", "--batch", "4"]
+    )
+    assert measured["settings"]["steps"] == 2
+    assert "out" not in measured["settings"]
+    assert set(measured["methods"]) >= {"d_rtrl", "bptt"}
+    meta = {
+        "command": "nox -s results",
+        "date": "today",
+        "wall_seconds": 1.0,
+        "machine": module.machine(),
+    }
+    page = module.render(meta, {"copying_task": measured})
+    assert page.startswith("# Measured results\n")
+    assert "nox -s results" in page and "`--steps 2`" in page
+    head = next(line for line in page.splitlines() if line.startswith("| method"))
+    rows = [line for line in page.splitlines() if line.startswith("| D-RTRL")]
+    assert len(rows) == 1 and rows[0].count("|") == head.count("|")
+    assert "| BPTT |" in page

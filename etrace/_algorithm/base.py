@@ -17,12 +17,24 @@ class AbstractAlgorithm(eqx.Module):
 
     Algorithms are stateless: their fields are hyper-parameters only; the traces they
     keep live in the `TraceState` and are passed in and handed back. The driver
-    (`Learner.step`) calls them once per hidden group and step, with the graph
-    restricted to that group (`graph.subgraph(group)`).
+    (`Learner.step`) calls `update` and `gradients` once per hidden group and step,
+    with the graph restricted to that group (`graph.subgraph(group)`) and the traces
+    to its units; `Learner.init` calls `init` once with the whole graph.
 
     Subclass this directly for full control, subclass `AbstractUnitAlgorithm` when
     every unit (one weight site feeding one hidden group) keeps its own trace, or wrap
     an existing algorithm (see `examples/custom_algorithm.py`).
+
+    Two optional class variables change what the driver passes in:
+
+    - `routing = "joint"`: the algorithm is called once per step for the whole
+        hidden state instead of once per group. `graph.params` lists every parameter
+        that reaches a hidden state; `jac.J` and `jac.Jtheta` hold the full
+        hidden-to-hidden and immediate Jacobians; the signal is `signal["hidden"]`
+        of shape `(H,)`; traces and gradients are keyed by parameter path, and
+        gradients have the parameter's shape (`RTRL`, `SnAp`, `UORO`).
+    - `full_diagonal = True`: `jac.H` holds each neuron's block of the full
+        hidden-to-hidden Jacobian, recurrent weights included (`OSTLRecurrent`).
     """
 
     @abc.abstractmethod
@@ -35,7 +47,9 @@ class AbstractAlgorithm(eqx.Module):
 
         **Returns:**
 
-        A dictionary from unit name to that unit's trace (any pytree of arrays).
+        A dictionary from unit name to that unit's trace (any pytree of arrays,
+        possibly empty), with an entry for every unit of `graph` (for `routing =
+        "joint"`, any pytree: RTRL keys it by parameter path).
         """
 
     @abc.abstractmethod
@@ -91,7 +105,17 @@ class AbstractUnitAlgorithm(AbstractAlgorithm):
 
     @abc.abstractmethod
     def init_unit(self, unit: Unit) -> PyTree[Array]:
-        """Zero trace for one unit and one example."""
+        """Zero trace for one unit and one example.
+
+        **Arguments:**
+
+        - `unit`: the unit; `unit.shape` is its canonical `(B, Fw, Fx, C)`, `unit.k`
+            the states per neuron and `unit.site.dtype` the dtype.
+
+        **Returns:**
+
+        The unit's trace: any pytree of arrays (without a batch axis).
+        """
 
     @abc.abstractmethod
     def update_unit(
@@ -99,14 +123,41 @@ class AbstractUnitAlgorithm(AbstractAlgorithm):
     ) -> PyTree[Array]:
         """One step of the trace recurrence.
 
-        `D` has shape `(B, Fw, Fx, K, K)`, `Df` `(B, Fw, Fx, K)`, `x` `(B, Fx, C)`.
+        **Arguments:**
+
+        - `unit`: the unit.
+        - `trace`: its trace at step `t - 1`.
+        - `D`: the neurons' diagonal Jacobian gathered to each canonical output,
+            shape `(B, Fw, Fx, K, K)`.
+        - `Df`: the derivative of the neuron's states with respect to each output,
+            shape `(B, Fw, Fx, K)`.
+        - `x`: the weight operation's input in canonical form, shape `(B, Fx, C)`
+            (ones for an element-wise parameter).
+
+        **Returns:**
+
+        The trace at step `t`, same structure.
         """
 
     @abc.abstractmethod
     def gradient_unit(
         self, unit: Unit, trace: PyTree[Array], signal: Array, Df: Array, x: Array
     ) -> Array:
-        """The `(B, Fw, C)` weight gradient; `signal` has shape `(B, Fw, Fx, K)`."""
+        """Reads out the unit's weight gradient.
+
+        **Arguments:**
+
+        - `unit`: the unit.
+        - `trace`: its trace at step `t` (after `update_unit`).
+        - `signal`: the learning signal `dL^t/dh^t` of the neuron of each canonical
+            output, shape `(B, Fw, Fx, K)`.
+        - `Df`, `x`: as for `update_unit`.
+
+        **Returns:**
+
+        The gradient with respect to the unit's weight in canonical `(B, Fw, C)`
+        layout.
+        """
 
     def init(self, graph: Graph) -> dict[str, PyTree[Array]]:
         return {u.name: self.init_unit(u) for u in graph.units}

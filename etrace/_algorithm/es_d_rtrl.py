@@ -103,3 +103,5 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
 
 
 pp_prop = ES_D_RTRL
+"""Another name for `etrace.ES_D_RTRL`: `etrace.pp_prop(decay=0.9)` is
+`etrace.ES_D_RTRL(decay=0.9)`."""

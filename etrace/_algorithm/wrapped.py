@@ -17,7 +17,13 @@ class AbstractWrappedAlgorithm(AbstractAlgorithm):
     Subclass it and override `update` (e.g. to clip the traces after the inner
     update) or `gradients` (e.g. to clip the read-out). `init` keeps the inner
     algorithm's trace structure, so a wrapped learner's `TraceState` has the same
-    shapes as the inner one's.
+    shapes as the inner one's. Capabilities that an algorithm declares as class
+    variables (`routing`, `full_diagonal`, feedback) are looked up through `inner`.
+
+    **Attributes:**
+
+    - `inner`: the wrapped algorithm. Subclasses declare it as a field,
+        `inner: etrace.AbstractAlgorithm`, next to their own hyper-parameters.
 
     !!! Example
 

@@ -222,8 +222,22 @@ def zeros_state(family, hidden):
 
 
 def build(family, n_in, hidden, n_out, seed, **kwargs):
-    """A float64 model of `family` (a class or a name in `FAMILIES`) and its zero
-    state (an `eqx.nn.State` for the GRU)."""
+    """A float64 model of one of etrace's small model families, and its zero state.
+
+    **Arguments:**
+
+    - `family`: a name in `FAMILIES` (`"leaky"`, `"lif"`, `"alif"`, `"stack"`,
+        `"rnn"`, `"gru"`, `"lstm"`) or one of its classes.
+    - `n_in`, `hidden`, `n_out`: input, hidden and output sizes.
+    - `seed`: the seed of the parameters.
+    - `**kwargs`: passed to the family's constructor.
+
+    **Returns:**
+
+    `(model, state)`, both in float64 (call it with float64 enabled): the model is
+    called as `model(x, state) -> (y, state)`; the state is an array, a tuple of
+    arrays, or an `eqx.nn.State` for the GRU.
+    """
     family = FAMILIES.get(family, family)
     key = jr.key(seed)
     if family is GRUNet:
@@ -254,7 +268,18 @@ def firing_rate(model, state, xs) -> float:
 
 
 def f64(tree):
-    """Casts every floating-point array of a pytree to float64."""
+    """Casts every floating-point array of a pytree to float64.
+
+    **Arguments:**
+
+    - `tree`: any pytree, e.g. a model built before float64 was enabled or loaded
+        from disk. Needs float64 enabled (`etrace.testing.float64`).
+
+    **Returns:**
+
+    The same pytree with every floating-point array in float64; other leaves are
+    unchanged.
+    """
     return jtu.tree_map(
         lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, tree
     )
@@ -269,3 +294,9 @@ FAMILIES = {
     "gru": GRUNet,
     "lstm": LSTMNet,
 }
+"""etrace's small model families by name, each an `eqx.Module` called as
+`model(x, state) -> (y, state)`: `"leaky"` (a leaky linear layer with a learnable
+decay), `"lif"` (LIF neurons with surrogate spikes and a soft reset), `"alif"`
+(adaptive LIF, two states per neuron), `"stack"` (two LIF layers), `"rnn"` (a tanh
+RNN with a recurrent weight), `"gru"` and `"lstm"` (stock Equinox cells). Build one
+with `etrace.testing.build`."""

@@ -13,7 +13,15 @@ def float64() -> Iterator[None]:
     """Enables `jax_enable_x64` for the duration of a `with` block.
 
     Exactness checks agree to 1e-9 relative only in float64. Create the model and data
-    inside the block (or cast them with `etrace.testing.f64`).
+    inside the block (or cast them with `etrace.testing.f64`); the previous setting is
+    restored when the block ends.
+
+    !!! Example
+
+        ```python
+        with etrace.testing.float64():
+            xs = jax.random.normal(jax.random.key(0), (10, 3))  # float64
+        ```
     """
     old = jax.config.read("jax_enable_x64")
     jax.config.update("jax_enable_x64", True)
@@ -39,3 +47,12 @@ def _x64(request):
 
 
 x64 = _x64 if pytest is None else pytest.fixture(name="x64")(_x64)
+"""A pytest fixture that runs a test in float64 (`jax_enable_x64` on for the test,
+restored after it).
+
+Import it where pytest finds fixtures, `from etrace.testing import x64` in a
+`conftest.py` or in the test module, then request it per module
+(`pytestmark = pytest.mark.usefixtures("x64")`), per test
+(`@pytest.mark.usefixtures("x64")`) or as an argument (`def test_f(x64): ...`).
+Create the model and data inside the test, where float64 is on.
+"""

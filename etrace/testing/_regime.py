@@ -291,7 +291,12 @@ def register_exact_regime(
 ) -> None:
     """Registers the exactness rule of an algorithm type (for custom algorithms).
 
-    `rule(learner, algorithm)` returns a `Regime`.
+    **Arguments:**
+
+    - `algorithm_type`: the algorithm's class; the rule also applies to its
+        subclasses that have no rule of their own.
+    - `rule`: a function `rule(learner, algorithm) -> Regime` that says, from the
+        compiled `learner`, where `algorithm` equals BPTT.
     """
     _RULES[algorithm_type] = rule
 

@@ -44,7 +44,16 @@ def _st() -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """A drawn model: family name, sizes and seed. `model` and `state` build it."""
+    """A drawn model: family name, sizes and seed, as drawn by `model_families`.
+
+    **Attributes:**
+
+    - `family`: a name in `etrace.testing.FAMILIES`.
+    - `n_in`, `hidden`, `n_out`: input, hidden and output sizes.
+    - `seed`: the seed of the parameters.
+
+    `build()` makes the model and its state; `sample_input` is one step of input.
+    """
 
     family: str
     n_in: int
@@ -58,6 +67,7 @@ class Case:
 
     @property
     def sample_input(self) -> Any:
+        """One unbatched float64 time step of input, shape `(n_in,)`."""
         return jnp.zeros(self.n_in, jnp.float64)
 
 
@@ -84,6 +94,16 @@ def model_families(
     Families: `leaky` (leaky linear, learnable decay), `lif` (surrogate spikes, soft
     reset), `alif` (two states per neuron), `stack` (two LIF layers), `rnn` (tanh RNN
     with a recurrent weight), `gru` and `lstm` (stock Equinox cells).
+
+    **Arguments:**
+
+    - `families`: the family names to draw from; all by default.
+    - `inputs`, `hidden`, `outputs`: inclusive ranges of the input, hidden and output
+        sizes.
+
+    **Returns:**
+
+    A hypothesis strategy of `Case`s (needs hypothesis installed).
     """
     st = _st()
     return st.builds(
