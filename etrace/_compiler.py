@@ -969,18 +969,17 @@ def _with_connections(graph, weight_inputs, leaf_bit):
     )
 
 
-def attach_pattern(compiled: Compiled, model: Any, sample_input: Any, state: Any):
+def attach_pattern(compiled: Compiled) -> None:
     """Gives the graph a lazily computed structural Jacobian pattern."""
-    dyn, _, _ = split_model(model)
-    state_leaves = [jnp.asarray(a) for a in jtu.tree_leaves(state)]
-    x_leaves = [jnp.asarray(a) for a in jtu.tree_leaves(sample_input)]
     cache: list[Any] = []
 
     def pattern():
         if not cache:
-            from ._joint import jacobian_pattern
+            from ._sparsity import dependency_pattern
 
-            cache.append(jacobian_pattern(compiled, dyn, state_leaves, x_leaves))
+            # First use may come while tracing a step: evaluate the constants eagerly.
+            with jax.ensure_compile_time_eval():
+                cache.append(dependency_pattern(compiled))
         return cache[0]
 
     compiled.graph = dataclasses.replace(compiled.graph, pattern=pattern)

@@ -112,40 +112,6 @@ def diagonal_blocks(compiled, dyn_leaves, state_leaves, x_leaves):
     return out
 
 
-def jacobian_pattern(compiled, dyn_leaves, state_leaves, x_leaves, draws=2):
-    """The structural non-zero pattern of `J` and `dh/dtheta`, as NumPy booleans.
-
-    Evaluated at random points around the given values (nothing depends on the
-    values being special), OR-ed over a few draws so that an accidental zero does
-    not drop an edge of the unit graph.
-    """
-    import numpy as np
-
-    J_pat = None
-    I_pat: dict[str, Any] = {}
-    rng = np.random.default_rng(0)
-
-    def jitter(leaves):
-        return [
-            a + rng.normal(size=np.shape(a)).astype(np.asarray(a).dtype)
-            if jnp.issubdtype(jnp.result_type(a), jnp.inexact)
-            else a
-            for a in leaves
-        ]
-
-    with jax.ensure_compile_time_eval():
-        for _ in range(draws):
-            J, Jtheta = full_jacobians(
-                compiled, jitter(dyn_leaves), jitter(state_leaves), jitter(x_leaves)
-            )
-            nz = np.asarray(J) != 0
-            J_pat = nz if J_pat is None else J_pat | nz
-            for path, d in Jtheta.items():
-                nz = np.asarray(d) != 0
-                I_pat[path] = nz if path not in I_pat else I_pat[path] | nz
-    return J_pat, I_pat
-
-
 def run_step_joint(compiled, algorithm, dyn_leaves, state_leaves, x_leaves, traces, t):
     program = compiled.program
     eqns = program.eqns

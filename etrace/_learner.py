@@ -483,7 +483,7 @@ def compile(
         )
     state = initial_state(model, state)
     compiled = analyse(model, sample_input, state)
-    attach_pattern(compiled, model, sample_input, state)
+    attach_pattern(compiled)
     if getattr(algorithm, "routing", "group") == "group":
         warn_one_step(compiled)
     learner = Learner(algorithm, compiled, _clone(state), bool(check_finite))

@@ -106,3 +106,22 @@ def test_snap_1_is_an_approximation_on_a_gru():
 def test_bad_n(n):
     with pytest.raises(etrace.EtraceError, match="`n` must be an int >= 1"):
         etrace.SnAp(n)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pattern_is_structural_not_sampled_on_spiking_networks(seed):
+    """A readout weight's immediate Jacobian is the presynaptic spike: zero wherever a
+    neuron happens not to fire. The pattern must still keep it (regression: a
+    pattern sampled at random points dropped those columns and got the readout
+    weight's gradient wrong)."""
+    from .test_snn_algorithms import build, LEAK, sequence
+
+    model, state = build(seed, recurrent=True, kappa=LEAK, n=4)
+    xs, ys = sequence(seed, T=8)
+    assert et.liveness(model, xs, state=state).live
+    learner, ts = etrace.compile(model, xs[0], state=state, algorithm=etrace.SnAp(2))
+    _, immediate = learner.graph.jacobian_pattern()
+    # The leaky readout's 2 values depend on every element of `out.weight`.
+    assert immediate["out.weight"][-2:].sum() == immediate["out.weight"][0].size
+    assert et.exact_regime(etrace.SnAp(2), learner)
+    et.assert_matches_bptt(learner, mse, model, ts, xs, ys)
