@@ -30,9 +30,10 @@ class Group:
 
     **Attributes:**
 
-    - `name`: a readable name (the path of its first state leaf).
+    - `name`: a readable name (the paths of its state leaves joined with `+`).
     - `leaves`: indices of its leaves among the flattened state leaves.
     - `leaf_names`: the paths of those leaves.
+    - `shapes`: the shapes of those leaves (all of `n` elements).
     - `n`: number of neurons (elements per leaf).
     - `k`: number of states per neuron.
     - `dtype`: the dtype of its leaves.
@@ -59,8 +60,22 @@ class Site:
         see `etrace._ops`) or `"elementwise"`.
     - `op`: the primitive of a weight operator (`"dot_general"`,
         `"conv_general_dilated"`, `"gather"`, `"dynamic_slice"`), else `None`.
+    - `out`: the variable of the traced step holding the site's output.
+    - `weight`: the variable holding the weight (computed from parameters alone);
+        for an element-wise site, the same as `out`.
+    - `x`: the first input of a weight operator that depends on the state or the
+        input, else `None`; `inputs`: all its operands other than the weight.
+    - `eqn`: the index of the weight operator's equation, else `None`.
     - `params`: indices of the parameter leaves the site's weight depends on.
     - `b`, `fw`, `fx`, `c`: the canonical sizes.
+    - `w_shape`: the weight's shape; `w_perm` orders its dimensions as
+        `(B, Fw, C)` and `y_perm` the output's as `(B, Fw, Fx)`, each before a
+        reshape.
+    - `dtype`: the dtype of the site's output.
+    - `w_pos`: the operand position of the weight in the equation.
+    - `x_fn`: maps the non-weight operands to the canonical input `(B, Fx, C)`
+        (a transpose for products, the image patches for convolutions, one-hot
+        rows for look-ups).
     - `pattern`: for a weight with structural zeros (a constant mask), a boolean
         array `(B, Fw, C)` of the entries that can be non-zero; else `None`.
     """
@@ -99,6 +114,7 @@ class Site:
         return y.reshape(self.b, self.fw, self.fx)
 
     def canonical_y_np(self, y: np.ndarray) -> np.ndarray:
+        """`canonical_y` for NumPy arrays (used at compile time)."""
         y = np.transpose(y, self.y_perm) if self.y_perm else y
         return y.reshape(self.b, self.fw, self.fx)
 
@@ -134,6 +150,7 @@ class Unit:
 
     @property
     def k(self) -> int:
+        """The number of states per neuron of the unit's group."""
         return self.group.k
 
     @property
@@ -159,6 +176,8 @@ class Graph:
     - `downstream`: per group name, the names of the other hidden groups whose update
         reads this group's new state, in the same step, through a weight op (the
         next temporal layer; a leaky readout with state of its own).
+    - `pattern`: computes the structural Jacobian pattern on first use (see
+        `jacobian_pattern`); set by `etrace.compile`.
     - `outputs`: per group name, the positions `k` of its state leaves whose new
         values a weight op reads in the same step (the neuron's output, e.g. the
         spike leaf): where a feedback learning signal is delivered.
@@ -199,4 +218,5 @@ class Graph:
         )
 
     def unit_bytes(self, unit: Unit, per_element: int) -> int:
+        """The bytes of a dense `(B, Fw, Fx, C, K)` trace of `unit`."""
         return math.prod(unit.shape) * unit.k * per_element

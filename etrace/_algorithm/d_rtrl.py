@@ -111,6 +111,14 @@ class D_RTRL(AbstractDiagonalAlgorithm):
     $c^t = \partial L^t / \partial h^t$. Element-wise parameters are the case $x = 1$.
     Memory is $O(|W| K)$ per example.
 
+    Exact (equal to BPTT) when every recurrence is element-wise: one temporal layer,
+    no hidden-to-hidden weight, a readout without state of its own. With recurrent
+    weights it drops the paths through them (the diagonal approximation).
+
+    Reference: Murray, "Local online learning in recurrent networks with random
+    feedback" (2019); Zucchet et al., "Online learning of long-range dependencies"
+    (2023).
+
     A weight with structural zeros (`(mask * W) @ x` with a constant mask, or a
     mask kept as a boolean/integer array of the model) keeps its trace at the
     mask's non-zeros only, `(nnz, Fx, K)` in `np.nonzero(unit.site.pattern)` order,
@@ -119,14 +127,6 @@ class D_RTRL(AbstractDiagonalAlgorithm):
     **Arguments:**
 
     - `sparse`: `False` to keep dense traces for masked weights too.
-
-    Exact (equal to BPTT) when every recurrence is element-wise: one temporal layer,
-    no hidden-to-hidden weight, a readout without state of its own. With recurrent
-    weights it drops the paths through them (the diagonal approximation).
-
-    Reference: Murray, "Local online learning in recurrent networks with random
-    feedback" (2019); Zucchet et al., "Online learning of long-range dependencies"
-    (2023); the trace in this form is the D-RTRL of braintrace/brainstate.
     """
 
     sparse: bool = eqx.field(default=True, static=True)
