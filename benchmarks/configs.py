@@ -1,0 +1,182 @@
+"""The model configurations of the training benchmarks, shared by every library.
+
+Plain Python with no dependencies, so that `training.py` (etrace) and
+`peer_braintrace.py` (braintrace, in its own environment) measure the same sizes,
+and `compare_peer.py` can match their rows. Also the command-line options that
+select sizes, the timing helper and the table printer those scripts share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+MiB = 2**20
+ALGORITHMS = ("D-RTRL", "ES-D-RTRL", "BPTT")
+# ES-D-RTRL's smoothing factor `a` (the same number in both libraries).
+ES_DECAY = 0.9
+LEARNING_RATE = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family and the sizes it is measured at."""
+
+    name: str
+    description: str
+    inputs: int
+    outputs: int
+    batch: int
+    hidden: tuple[int, ...]
+    lengths: tuple[int, ...]
+    quick_hidden: tuple[int, ...]
+    quick_lengths: tuple[int, ...]
+
+
+FAMILIES = {
+    "gru": Family(
+        name="GRU",
+        description="GRU cell (10 inputs) with a linear readout (8 outputs), "
+        "per-step mean squared error",
+        inputs=10,
+        outputs=8,
+        batch=64,
+        hidden=(64, 128, 256),
+        lengths=(70, 270),
+        quick_hidden=(64,),
+        quick_lengths=(70,),
+    ),
+    "lif": Family(
+        name="LIF",
+        description="recurrent LIF layer (64 inputs; input and own spikes through "
+        "one linear map), linear map and leaky readout (10 outputs), "
+        "per-step mean squared error",
+        inputs=64,
+        outputs=10,
+        batch=32,
+        hidden=(128, 512),
+        lengths=(100, 400),
+        quick_hidden=(128,),
+        quick_lengths=(100,),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    family: Family
+    hidden: int
+    length: int
+
+    @property
+    def key(self) -> tuple[str, int, int, int]:
+        return (self.family.name, self.hidden, self.family.batch, self.length)
+
+
+def add_size_options(parser: argparse.ArgumentParser) -> None:
+    """The options shared by the training benchmarks of every library."""
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one small size per model and fewer repeats (a smoke run)",
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=sorted(FAMILIES), default=sorted(FAMILIES)
+    )
+    parser.add_argument("--gru-hidden", type=int, nargs="+", help="GRU hidden sizes")
+    parser.add_argument("--gru-lengths", type=int, nargs="+", help="GRU lengths T")
+    parser.add_argument("--lif-hidden", type=int, nargs="+", help="LIF layer sizes")
+    parser.add_argument("--lif-lengths", type=int, nargs="+", help="LIF lengths T")
+    parser.add_argument(
+        "--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS)
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="timed runs after compilation, median reported (default 5, quick 2)",
+    )
+
+
+def selected(args: argparse.Namespace) -> list[Config]:
+    """The configurations chosen by the options of `add_size_options`."""
+    configs = []
+    for name in args.models:
+        family = FAMILIES[name]
+        hidden = getattr(args, f"{name}_hidden") or (
+            family.quick_hidden if args.quick else family.hidden
+        )
+        lengths = getattr(args, f"{name}_lengths") or (
+            family.quick_lengths if args.quick else family.lengths
+        )
+        configs.extend(Config(family, h, t) for h in hidden for t in lengths)
+    return configs
+
+
+def repeats(args: argparse.Namespace) -> int:
+    if args.repeats is not None:
+        return args.repeats
+    return 2 if args.quick else 5
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """`fn()`'s result and its wall time in seconds."""
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def median_time(run: Callable[[], Any], count: int) -> tuple[float, float]:
+    """Median and minimum wall time of `count` calls of `run`, which must block
+    until its result is ready."""
+    times = [timed(run)[1] for _ in range(count)]
+    return statistics.median(times), min(times)
+
+
+def row(config: Config, algorithm: str, **measured: Any) -> dict[str, Any]:
+    """One result row; the first five keys identify the measurement."""
+    return {
+        "model": config.family.name,
+        "hidden": config.hidden,
+        "batch": config.family.batch,
+        "T": config.length,
+        "algorithm": algorithm,
+        **measured,
+    }
+
+
+def format_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """Right-aligned columns, the first two left-aligned."""
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+
+    def line(r: Sequence[str]) -> str:
+        cells = [
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths))
+        ]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join(line(r) for r in [head, *body])
+
+
+def training_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The table printed by `training.py` and `peer_braintrace.py`."""
+    head = ["model", "algorithm", "H", "B", "T", "step ms", "compile s", "temp MiB"]
+    body = [
+        [
+            r["model"],
+            r["algorithm"],
+            str(r["hidden"]),
+            str(r["batch"]),
+            str(r["T"]),
+            f"{1e3 * r['step_seconds']:.1f}",
+            f"{r['compile_seconds']:.2f}",
+            f"{r['temp_bytes'] / MiB:.2f}",
+        ]
+        for r in rows
+    ]
+    return format_table(head, body)

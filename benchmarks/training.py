@@ -1,0 +1,279 @@
+"""Time, compile time and compiled memory of one training step: online against BPTT.
+
+One training step runs the model over a batch of sequences of `T` steps, takes the
+gradient of the summed per-step loss and applies an optax Adam update. The gradient
+comes from `etrace.online_grad` (D-RTRL, ES-D-RTRL: each step's gradient taken
+inside the scan and accumulated) or from `etrace.bptt_grad` (back-propagation
+through time), on the same model in the same run, in float32. Two model families
+(sizes in `benchmarks/configs.py`):
+
+* GRU: `eqx.nn.GRUCell` with an `eqx.nn.Linear` readout, H = 64, 128, 256,
+  batch 64, T = 70, 270.
+* LIF: the recurrent spiking layer of `docs/nn.md` (`etrace.nn.LIF` reading the
+  input and its own previous spikes through one `eqx.nn.Linear`), a linear map and
+  an `etrace.nn.LeakyRateReadout`, H = 128, 512, batch 32, T = 100, 400.
+
+For each step function: the wall time of `jax.jit(step).lower(...)` plus
+`.compile()` (compile time), XLA's temporary buffer size of the compiled step
+(`compiled.memory_analysis().temp_size_in_bytes`, the scratch space excluding
+arguments and outputs), and the median wall time of repeated calls of the compiled
+step after a first untimed call (parameters and optimiser state carried from call
+to call). The online rows also give the trace memory of one example.
+
+```
+python benchmarks/training.py
+python benchmarks/training.py --quick
+python benchmarks/training.py --models gru --gru-hidden 128 --gru-lengths 270
+```
+
+Prints a table and writes `benchmarks/results/training.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import platform
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import optax
+from configs import (
+    add_size_options,
+    Config,
+    ES_DECAY,
+    LEARNING_RATE,
+    median_time,
+    repeats,
+    row,
+    selected,
+    timed,
+    training_table,
+)
+from jaxtyping import Array, Float, PRNGKeyArray
+
+import etrace
+import etrace.nn as enn
+
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "training.json"
+
+
+class GRUNet(eqx.Module):
+    """A GRU with a linear readout, its hidden state declared the Equinox way."""
+
+    cell: eqx.nn.GRUCell
+    readout: eqx.nn.Linear
+    h: eqx.nn.StateIndex
+
+    def __init__(self, n_in: int, hidden: int, n_out: int, *, key: PRNGKeyArray):
+        k1, k2 = jr.split(key)
+        self.cell = eqx.nn.GRUCell(n_in, hidden, dtype=jnp.float32, key=k1)
+        self.readout = eqx.nn.Linear(hidden, n_out, dtype=jnp.float32, key=k2)
+        self.h = eqx.nn.StateIndex(jnp.zeros(hidden, jnp.float32))
+
+    def __call__(self, x: Float[Array, " n_in"], state: eqx.nn.State):
+        h = self.cell(x, state.get(self.h))
+        return self.readout(h), state.set(self.h, h)
+
+
+class SpikingNet(eqx.Module):
+    """The recurrent spiking layer of `docs/nn.md`: `[x^t; z^{t-1}]` through one
+    linear map into LIF neurons, read out by a linear map and a leaky integrator."""
+
+    synapses: eqx.nn.Linear
+    lif: enn.LIF
+    readout: eqx.nn.Linear
+    output: enn.LeakyRateReadout
+
+    def __init__(self, n_in: int, hidden: int, n_out: int, *, key: PRNGKeyArray):
+        k1, k2 = jr.split(key)
+        f32 = jnp.float32
+        self.synapses = eqx.nn.Linear(n_in + hidden, hidden, dtype=f32, key=k1)
+        self.lif = enn.LIF(hidden, tau=20.0, surrogate=enn.FastSigmoid(), dtype=f32)
+        self.readout = eqx.nn.Linear(hidden, n_out, dtype=f32, key=k2)
+        self.output = enn.LeakyRateReadout(n_out, tau=20.0, dtype=f32)
+
+    def __call__(self, x: Float[Array, " n_in"], state: eqx.nn.State):
+        previous = self.lif.spikes(state)
+        current = self.synapses(jnp.concatenate([x, previous]))
+        z, state = self.lif(current, state)
+        return self.output(self.readout(z), state)
+
+
+def build(config: Config, seed: int = 0) -> tuple[Any, eqx.nn.State]:
+    """The model of `config` and its initial (unbatched) state."""
+    cls = GRUNet if config.family.name == "GRU" else SpikingNet
+    family = config.family
+    return eqx.nn.make_with_state(cls)(
+        family.inputs, config.hidden, family.outputs, key=jr.key(seed)
+    )
+
+
+def data(config: Config, seed: int = 1) -> tuple[Array, Array]:
+    """Inputs and targets of one batch, time on axis 0 and batch on axis 1."""
+    family = config.family
+    k1, k2 = jr.split(jr.key(seed))
+    shape = (config.length, family.batch)
+    if family.name == "GRU":
+        xs = jr.normal(k1, (*shape, family.inputs), jnp.float32)
+    else:  # input spike trains, 20% of channels active per step
+        xs = jr.bernoulli(k1, 0.2, (*shape, family.inputs)).astype(jnp.float32)
+    targets = jr.normal(k2, (*shape, family.outputs), jnp.float32)
+    return xs, targets
+
+
+def mse(y: Float[Array, " n"], target: Float[Array, " n"]) -> Float[Array, ""]:
+    return jnp.mean((y - target) ** 2)
+
+
+def algorithms() -> dict[str, etrace.AbstractAlgorithm]:
+    return {"D-RTRL": etrace.D_RTRL(), "ES-D-RTRL": etrace.ES_D_RTRL(decay=ES_DECAY)}
+
+
+def trace_bytes(learner: etrace.Learner) -> int:
+    """Bytes of the traces of one example, from shapes (nothing allocated)."""
+    shapes = jax.eval_shape(learner.init)
+    return sum(
+        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+        for x in jtu.tree_leaves(shapes.traces)
+    )
+
+
+def broadcast(tree: Any, batch: int) -> Any:
+    return jtu.tree_map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), tree)
+
+
+def online_step(learner: etrace.Learner, static: Any, optim) -> Callable:
+    def step(params, opt_state, xs, targets):
+        model = eqx.combine(params, static)
+        trace_state = learner.init(batch_size=xs.shape[1])
+        grads, _, losses = etrace.online_grad(
+            learner, mse, model, trace_state, xs, targets
+        )
+        updates, opt_state = optim.update(grads, opt_state, params)
+        return eqx.apply_updates(params, updates), opt_state, jnp.sum(losses)
+
+    return step
+
+
+def bptt_step(state: eqx.nn.State, static: Any, optim) -> Callable:
+    def step(params, opt_state, xs, targets):
+        model = eqx.combine(params, static)
+        batched = broadcast(state, xs.shape[1])
+        grads, losses = etrace.bptt_grad(mse, model, batched, xs, targets, batched=True)
+        updates, opt_state = optim.update(grads, opt_state, params)
+        return eqx.apply_updates(params, updates), opt_state, jnp.sum(losses)
+
+    return step
+
+
+def measure_step(step: Callable, args: tuple, count: int) -> dict[str, Any]:
+    """Compile time, temporary memory and median wall time of `step(*args)`, which
+    returns `(params, opt_state, loss)`; the first two are fed back in."""
+    lowered, lower_s = timed(lambda: jax.jit(step).lower(*args))
+    compiled, xla_s = timed(lowered.compile)
+    analysis = compiled.memory_analysis()
+    temp = None if analysis is None else int(analysis.temp_size_in_bytes)
+    carry = list(args[:2])
+    rest = args[2:]
+
+    def run():
+        params, opt_state, loss = compiled(*carry, *rest)
+        jax.block_until_ready((params, opt_state, loss))
+        carry[:] = [params, opt_state]
+
+    run()  # the first call allocates; not timed
+    median, fastest = median_time(run, count)
+    return {
+        "step_seconds": median,
+        "step_seconds_min": fastest,
+        "compile_seconds": lower_s + xla_s,
+        "lower_seconds": lower_s,
+        "temp_bytes": temp,
+    }
+
+
+def measure(config: Config, names: Sequence[str], count: int) -> list[dict[str, Any]]:
+    model, state = build(config)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    optim = optax.adam(LEARNING_RATE)
+    args = (params, optim.init(params), *data(config))
+    x0 = jnp.zeros(config.family.inputs, jnp.float32)
+    rows = []
+    for name in names:
+        extra: dict[str, Any] = {}
+        if name == "BPTT":
+            step = bptt_step(state, static, optim)
+        else:
+            (learner, _), setup_s = timed(
+                lambda: etrace.compile(
+                    model, x0, state=state, algorithm=algorithms()[name]
+                )
+            )
+            step = online_step(learner, static, optim)
+            extra = {
+                "setup_seconds": setup_s,
+                "trace_bytes_per_example": trace_bytes(learner),
+            }
+        rows.append(row(config, name, **measure_step(step, args, count), **extra))
+        r = rows[-1]
+        print(
+            f"{config.family.name} H={config.hidden} T={config.length} {name}: "
+            f"step {1e3 * r['step_seconds']:.1f} ms, "
+            f"compile {r['compile_seconds']:.2f} s",
+            flush=True,
+        )
+    return rows
+
+
+def metadata(benchmark: str) -> dict[str, Any]:
+    return {
+        "benchmark": benchmark,
+        "library": "etrace",
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "equinox": eqx.__version__,
+        "optax": optax.__version__,
+        "etrace": etrace.__version__,
+        "python": platform.python_version(),
+        "dtype": "float32",
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_size_options(parser)
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="JSON path")
+    args = parser.parse_args(argv)
+    count = repeats(args)
+
+    rows = []
+    configs = selected(args)
+    for config in configs:
+        rows.extend(measure(config, args.algorithms, count))
+    print(f"\nmedian of {count} training steps after compilation, float32")
+    print(training_table(rows))
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = metadata("training")
+    record["repeats"] = count
+    record["models"] = {
+        c.family.name: c.family.description for c in configs
+    }  # one description per family
+    record["results"] = rows
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
