@@ -72,6 +72,7 @@ class _Propagator:
             eqn = self.program.eqns[i]
             outs = self.apply(eqn)
             nz = self._nonzero(eqn) if len(eqn.outs) == 1 else None
+            nz = None if nz is None else np.asarray(nz)
             for o, d in zip(eqn.outs, outs):
                 if nz is not None and not nz.all():
                     self.nz[o] = nz
@@ -80,7 +81,7 @@ class _Propagator:
                 if d is not None:
                     self.dep[o] = d
 
-    def _nonzero(self, eqn: _ir.Eqn) -> np.ndarray | None:
+    def _nonzero(self, eqn: _ir.Eqn) -> Any:
         """Where the output can be non-zero, if some of it cannot."""
         name = eqn.name
         shape = tuple(self.program.aval(eqn.outs[0]).shape)
