@@ -96,6 +96,9 @@ TASKS: dict[str, dict[str, Any]] = {
 def load(name: str) -> Any:
     """Imports `examples/<name>.py` as a module."""
     path = ROOT / "examples" / f"{name}.py"
+    # As when the script runs: its folder is importable (`examples/_common.py`).
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"cannot import {path}")

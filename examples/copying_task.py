@@ -29,16 +29,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import _common  # shared with the other examples
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import matplotlib
-import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
-from tqdm import tqdm
 
 import etrace
 
@@ -167,19 +166,6 @@ def evaluate(model, state, task, xs, targets):
     return loss, accuracy
 
 
-def memory_bytes(learner: etrace.Learner | None, state: Any, num_steps: int) -> int:
-    """Per example: the online algorithm's traces, or for BPTT (`learner=None`) the
-    hidden state of every step, the least its backward pass must keep."""
-    if learner is None:
-        leaves = jtu.tree_leaves(state)
-        return num_steps * sum(x.size * x.dtype.itemsize for x in leaves)
-    shapes = jax.eval_shape(learner.init)
-    return sum(
-        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-        for x in jtu.tree_leaves(shapes.traces)
-    )
-
-
 def available_algorithms(decay: float) -> dict[str, Any]:
     algorithms = {"d_rtrl": etrace.D_RTRL()}
     # ES-D-RTRL may be missing from an older etrace; the example then runs without it.
@@ -193,46 +179,17 @@ LABELS = {"d_rtrl": "D-RTRL", "es_d_rtrl": "ES-D-RTRL", "bptt": "BPTT"}
 
 def train(name, gradient, task, optim, model, key, steps):
     """Trains a copy of `model`; returns it, the loss curve and timings."""
-    # Copies, so that donation cannot delete what the other methods start from.
-    model = jtu.tree_map(lambda a: jnp.array(a) if eqx.is_array(a) else a, model)
-    key = jr.clone(key)
-    opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
-    losses = []
-    start = time.perf_counter()
-    compiled_at = start
-    bar = tqdm(range(steps), desc=LABELS[name], unit="step")
-    for i in bar:
-        model, opt_state, key, loss = train_step(
-            gradient, task, optim, model, opt_state, key
-        )
-        losses.append(loss)
-        if i == 0:
-            # The first call compiles; keep that out of the time per step.
-            loss.block_until_ready()
-            compiled_at = time.perf_counter()
-        if i % 25 == 0 or i == steps - 1:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-    jax.block_until_ready(losses)
-    end = time.perf_counter()
-    per_step = (end - compiled_at) / (steps - 1) if steps > 1 else end - start
-    return model, np.asarray(jnp.stack(losses)), compiled_at - start, per_step
+
+    def step(model, opt_state, key):
+        return train_step(gradient, task, optim, model, opt_state, key)
+
+    return _common.train(LABELS[name], step, optim, model, key, steps)
 
 
 def plot(results: dict[str, dict[str, Any]], chance: float, out: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in results.items():
-        curve = r["losses"]
-        window = max(1, min(25, len(curve) // 10))
-        smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
-        (line,) = ax.plot(curve, alpha=0.25)
-        ax.plot(
-            np.arange(window - 1, len(curve)),
-            smooth,
-            color=line.get_color(),
-            label=LABELS[name],
-        )
+    _common.plot_losses(ax, results, LABELS)
     ax.axhline(chance, color="grey", linestyle="--", label="chance")
-    ax.set_xlabel("training step")
     ax.set_ylabel("recall cross-entropy")
     ax.set_title("Copy task")
     ax.legend()
@@ -295,14 +252,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     for name in names:
         if name == "bptt":
             gradient = eqx.Partial(bptt_gradient, state)
-            memory = memory_bytes(None, state, task.num_steps)
+            memory = _common.memory_bytes(None, state, task.num_steps)
         else:
             sample = jnp.zeros(task.n_in, jnp.float32)
             learner, _ = etrace.compile(
                 model, sample, state=state, algorithm=online[name]
             )
             gradient = eqx.Partial(online_gradient, learner)
-            memory = memory_bytes(learner, state, task.num_steps)
+            memory = _common.memory_bytes(learner, state, task.num_steps)
         trained, losses, compile_s, per_step = train(
             name, gradient, task, optim, model, data_key, args.steps
         )
@@ -328,11 +285,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         )
         for n, r in results.items()
     ]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    print()
-    for row in [head, *rows]:
-        first, *rest = zip(row, widths)
-        print("  ".join([first[0].ljust(first[1])] + [c.rjust(w) for c, w in rest]))
+    _common.print_table(head, rows)
     print(f"chance loss {chance:.3f}, accuracy {1 / args.alphabet:.3f}")
     print(f"wall time {wall:.1f} s")
 

@@ -66,6 +66,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import _common  # shared with the other examples
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -467,10 +468,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{summary['fresh_traces_difference']:.3g}",
         ),
     ]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    for row in [head, *rows]:
-        first, *rest = zip(row, widths)
-        print("  ".join([first[0].ljust(first[1])] + [c.rjust(w) for c, w in rest]))
+    _common.print_table(head, rows)
     print(
         "resumed run identical to the uninterrupted one: "
         f"{'yes' if summary['resume_difference'] == 0 else 'NO'}"

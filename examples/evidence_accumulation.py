@@ -52,6 +52,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import _common  # shared with the other examples
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,6 @@ import matplotlib
 import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
-from tqdm import tqdm
 
 import etrace
 import etrace.nn as enn
@@ -282,78 +282,28 @@ def evaluate(model, state, mask, xs, labels):
     return loss, accuracy, jnp.mean(zs)
 
 
-def memory_bytes(learner: etrace.Learner | None, state: Any, num_steps: int) -> int:
-    """Per example: the online algorithm's traces, or for BPTT (`learner=None`) the
-    hidden state of every step, the least its backward pass must keep."""
-    if learner is None:
-        leaves = jtu.tree_leaves(state)
-        return num_steps * sum(x.size * x.dtype.itemsize for x in leaves)
-    shapes = jax.eval_shape(learner.init)
-    return sum(
-        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-        for x in jtu.tree_leaves(shapes.traces)
-    )
-
-
 LABELS = {"eprop": "e-prop", "es_d_rtrl": "ES-D-RTRL", "bptt": "BPTT"}
 
 
 def train(name, fixed, model, key, steps):
     """Trains a copy of `model`; returns it, the loss curve and timings."""
-    # Copies, so that donation cannot delete what the other methods start from.
-    model = jtu.tree_map(lambda a: jnp.array(a) if eqx.is_array(a) else a, model)
-    key = jr.clone(key)
-    optim = fixed[2]
-    opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
-    losses = []
-    start = time.perf_counter()
-    compiled_at = start
-    bar = tqdm(range(steps), desc=f"{LABELS[name]:>9}", unit="step")
-    for i in bar:
-        model, opt_state, key, loss = train_step(fixed, model, opt_state, key)
-        losses.append(loss)
-        if i == 0:
-            # The first call compiles; keep that out of the time per step.
-            loss.block_until_ready()
-            compiled_at = time.perf_counter()
-        if i % 25 == 0 or i == steps - 1:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-    jax.block_until_ready(losses)
-    end = time.perf_counter()
-    per_step = (end - compiled_at) / (steps - 1) if steps > 1 else end - start
-    return model, np.asarray(jnp.stack(losses)), compiled_at - start, per_step
+
+    def step(model, opt_state, key):
+        return train_step(fixed, model, opt_state, key)
+
+    return _common.train(LABELS[name], step, fixed[2], model, key, steps, every=25)
 
 
 def plot(results: dict[str, dict[str, Any]], title: str, out: str) -> None:
     fig, (ax, bars) = plt.subplots(
         1, 2, figsize=(10, 4), gridspec_kw=dict(width_ratios=[2, 1])
     )
-    colors = {}
-    for name, r in results.items():
-        curve = r["losses"]
-        window = max(1, min(25, len(curve) // 10))
-        smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
-        (line,) = ax.plot(curve, alpha=0.25)
-        colors[name] = line.get_color()
-        ax.plot(
-            np.arange(window - 1, len(curve)),
-            smooth,
-            color=colors[name],
-            label=LABELS[name],
-        )
+    colors = _common.plot_losses(ax, results, LABELS)
     ax.axhline(math.log(N_CLASSES), color="grey", linestyle="--", label="chance")
-    ax.set_xlabel("training step")
     ax.set_ylabel("cross-entropy (recall window)")
     ax.set_title(title)
     ax.legend()
-    names = list(results)
-    accuracies = [results[n]["accuracy"] for n in names]
-    bars.bar([LABELS[n] for n in names], accuracies, color=[colors[n] for n in names])
-    for i, a in enumerate(accuracies):
-        bars.text(i, a + 0.01, f"{a:.3f}", ha="center", va="bottom")
-    bars.axhline(1 / N_CLASSES, color="grey", linestyle="--")
-    bars.set_ylim(0, 1.05)
-    bars.set_ylabel("test accuracy")
+    _common.plot_accuracies(bars, results, LABELS, colors, 1 / N_CLASSES)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -477,13 +427,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     for name in args.methods:
         if name == "bptt":
             gradient = eqx.Partial(bptt_gradient, state)
-            memory = memory_bytes(None, state, task.num_steps)
+            memory = _common.memory_bytes(None, state, task.num_steps)
         else:
             learner, _ = etrace.compile(
                 model, sample, state=state, algorithm=algorithms[name]
             )
             gradient = eqx.Partial(online_gradient, learner)
-            memory = memory_bytes(learner, state, task.num_steps)
+            memory = _common.memory_bytes(learner, state, task.num_steps)
         fixed = (gradient, task, optim)
         trained, losses, compile_s, per_step = train(
             name, fixed, model, data_key, args.steps
@@ -527,11 +477,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         )
         for n, r in results.items()
     ]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    print()
-    for row in [head, *rows]:
-        first, *rest = zip(row, widths)
-        print("  ".join([first[0].ljust(first[1])] + [c.rjust(w) for c, w in rest]))
+    _common.print_table(head, rows)
     print(
         "test: held-out sequences; train loss: mean of the last 50 steps; rate: "
         "hidden spikes per neuron and step on the test set; memory: the online "

@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import _common  # shared with the other examples
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -365,11 +366,7 @@ def _run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         )
         for name, r in rows.items()
     ]
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    print()
-    for row in [head, *body]:
-        first, *rest = zip(row, widths)
-        print("  ".join([first[0].ljust(first[1])] + [c.rjust(w) for c, w in rest]))
+    _common.print_table(head, body)
     print(
         "cosine, rel. error: all parameters together; should be exact: the "
         "parameters `etrace.testing.exact_regime` expects to equal BPTT"

@@ -14,6 +14,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def _load(relative: str):
     path = ROOT / relative
+    # As when the script runs: its folder is importable (`examples/_common.py`).
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
