@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
+import optax
+from jaxtyping import Array, Float, Int
 from tqdm import tqdm
 
 import etrace
@@ -33,6 +35,31 @@ def memory_bytes(learner: etrace.Learner | None, state: Any, num_steps: int) -> 
     return sum(
         math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
         for x in jtu.tree_leaves(shapes.traces)
+    )
+
+
+def cross_entropy(y: Float[Array, " K"], target: Int[Array, ""]) -> Float[Array, ""]:
+    return optax.softmax_cross_entropy_with_integer_labels(y, target)
+
+
+def broadcast(tree: Any, batch: int) -> Any:
+    return jtu.tree_map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), tree)
+
+
+def online_gradient(learner, model, xs, targets, mask):
+    """Online gradient of a batch of sequences, each from a fresh trace state."""
+    trace_state = learner.init(batch_size=xs.shape[1])
+    grads, _, losses = etrace.online_grad(
+        learner, cross_entropy, model, trace_state, xs, targets, mask=mask
+    )
+    return grads, losses
+
+
+def bptt_gradient(state, model, xs, targets, mask):
+    """Exact gradient of a batch of sequences by back-propagation through time."""
+    state = broadcast(state, xs.shape[1])
+    return etrace.bptt_grad(
+        cross_entropy, model, state, xs, targets, mask=mask, batched=True
     )
 
 

@@ -34,7 +34,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import jax.tree_util as jtu
 import matplotlib
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
@@ -110,31 +109,6 @@ class CopyTask:
         return xs, targets
 
 
-def cross_entropy(y: Float[Array, " K"], target: Int[Array, ""]) -> Float[Array, ""]:
-    return optax.softmax_cross_entropy_with_integer_labels(y, target)
-
-
-def broadcast(tree: Any, batch: int) -> Any:
-    return jtu.tree_map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), tree)
-
-
-def online_gradient(learner, model, xs, targets, mask):
-    """Online gradient of a batch of sequences, each from a fresh trace state."""
-    trace_state = learner.init(batch_size=xs.shape[1])
-    grads, _, losses = etrace.online_grad(
-        learner, cross_entropy, model, trace_state, xs, targets, mask=mask
-    )
-    return grads, losses
-
-
-def bptt_gradient(state, model, xs, targets, mask):
-    """Exact gradient of a batch of sequences by back-propagation through time."""
-    state = broadcast(state, xs.shape[1])
-    return etrace.bptt_grad(
-        cross_entropy, model, state, xs, targets, mask=mask, batched=True
-    )
-
-
 # Everything but the gradient method (which holds the learner's initial state, shared
 # between calls) is replaced by the outputs, so donating it lets XLA update the
 # parameters, the optimiser moments and the key in place.
@@ -159,9 +133,9 @@ def evaluate(model, state, task, xs, targets):
         y, s = jax.vmap(model)(x, s)
         return s, y
 
-    _, ys = jax.lax.scan(body, broadcast(state, xs.shape[1]), xs)
+    _, ys = jax.lax.scan(body, _common.broadcast(state, xs.shape[1]), xs)
     weight = task.mask()[:, None] / (jnp.sum(task.mask()) * xs.shape[1])
-    loss = jnp.sum(jax.vmap(jax.vmap(cross_entropy))(ys, targets) * weight)
+    loss = jnp.sum(jax.vmap(jax.vmap(_common.cross_entropy))(ys, targets) * weight)
     accuracy = jnp.sum((jnp.argmax(ys, axis=-1) == targets) * weight)
     return loss, accuracy
 
@@ -251,14 +225,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     wall = time.perf_counter()
     for name in names:
         if name == "bptt":
-            gradient = eqx.Partial(bptt_gradient, state)
+            gradient = eqx.Partial(_common.bptt_gradient, state)
             memory = _common.memory_bytes(None, state, task.num_steps)
         else:
             sample = jnp.zeros(task.n_in, jnp.float32)
             learner, _ = etrace.compile(
                 model, sample, state=state, algorithm=online[name]
             )
-            gradient = eqx.Partial(online_gradient, learner)
+            gradient = eqx.Partial(_common.online_gradient, learner)
             memory = _common.memory_bytes(learner, state, task.num_steps)
         trained, losses, compile_s, per_step = train(
             name, gradient, task, optim, model, data_key, args.steps

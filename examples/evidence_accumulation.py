@@ -57,7 +57,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import jax.tree_util as jtu
 import matplotlib
 import numpy as np
 import optax
@@ -223,31 +222,6 @@ class CueTask:
         return xs, targets
 
 
-def cross_entropy(y: Float[Array, " K"], target: Int[Array, ""]) -> Float[Array, ""]:
-    return optax.softmax_cross_entropy_with_integer_labels(y, target)
-
-
-def broadcast(tree: Any, batch: int) -> Any:
-    return jtu.tree_map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), tree)
-
-
-def online_gradient(learner, model, xs, targets, mask):
-    """Online gradient of a batch of sequences, each from a fresh trace state."""
-    trace_state = learner.init(batch_size=xs.shape[1])
-    grads, _, losses = etrace.online_grad(
-        learner, cross_entropy, model, trace_state, xs, targets, mask=mask
-    )
-    return grads, losses
-
-
-def bptt_gradient(state, model, xs, targets, mask):
-    """Exact gradient of a batch of sequences by back-propagation through time."""
-    state = broadcast(state, xs.shape[1])
-    return etrace.bptt_grad(
-        cross_entropy, model, state, xs, targets, mask=mask, batched=True
-    )
-
-
 # The first argument (gradient method, task, optimiser) is shared by every step;
 # everything else is replaced by the outputs, so donating it lets XLA update the
 # parameters, the optimiser moments and the key in place.
@@ -273,9 +247,9 @@ def evaluate(model, state, mask, xs, labels):
         y, s = jax.vmap(model)(x, s)
         return s, (y, jax.vmap(model.spikes)(s))
 
-    _, (ys, zs) = jax.lax.scan(body, broadcast(state, xs.shape[1]), xs)
+    _, (ys, zs) = jax.lax.scan(body, _common.broadcast(state, xs.shape[1]), xs)
     targets = jnp.broadcast_to(labels, ys.shape[:2])
-    losses = jax.vmap(jax.vmap(cross_entropy))(ys, targets)
+    losses = jax.vmap(jax.vmap(_common.cross_entropy))(ys, targets)
     loss = jnp.einsum("t,tb->", mask, losses) / (jnp.sum(mask) * xs.shape[1])
     scores = jnp.einsum("t,tbk->bk", mask, ys)
     accuracy = jnp.mean(jnp.argmax(scores, axis=-1) == labels)
@@ -426,13 +400,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     wall = time.perf_counter()
     for name in args.methods:
         if name == "bptt":
-            gradient = eqx.Partial(bptt_gradient, state)
+            gradient = eqx.Partial(_common.bptt_gradient, state)
             memory = _common.memory_bytes(None, state, task.num_steps)
         else:
             learner, _ = etrace.compile(
                 model, sample, state=state, algorithm=algorithms[name]
             )
-            gradient = eqx.Partial(online_gradient, learner)
+            gradient = eqx.Partial(_common.online_gradient, learner)
             memory = _common.memory_bytes(learner, state, task.num_steps)
         fixed = (gradient, task, optim)
         trained, losses, compile_s, per_step = train(
