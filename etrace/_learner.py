@@ -439,7 +439,7 @@ def compile(
     *,
     algorithm: Any = None,
     state: Any = None,
-    check_finite: bool = False,
+    check_finite: Any = False,
 ) -> tuple[Learner, TraceState]:
     """Analyses a model's step once and returns a learner and zero traces.
 
@@ -480,6 +480,10 @@ def compile(
             "`algorithm` must be an `etrace.AbstractAlgorithm` such as "
             f"`etrace.D_RTRL()`, got {type(algorithm).__name__}. If it is a class, "
             "instantiate it."
+        )
+    if not isinstance(check_finite, bool):
+        raise EtraceError(
+            f"`check_finite` must be True or False, got {check_finite!r}."
         )
     state = initial_state(model, state)
     compiled = analyse(model, sample_input, state)

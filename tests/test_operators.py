@@ -747,3 +747,11 @@ def test_low_rank_readout_is_left_as_written():
         tuple(learner.compiled.program.aval(e.outs[0]).shape) for e in products
     )
     assert shapes == [(2,), (4,), (50,)]  # no (50, 4) product of the factors
+
+
+def test_bad_flags_are_refused():
+    with pytest.raises(etrace.EtraceError, match=r"D_RTRL\(sparse=...\)` must be"):
+        etrace.D_RTRL(sparse="no")  # pyright: ignore
+    model, h0, xs, _ = _low_rank("chain")
+    with pytest.raises(etrace.EtraceError, match="`check_finite` must be True or"):
+        etrace.compile(model, xs[0], state=h0, check_finite=1)  # pyright: ignore

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from .._errors import EtraceError
 from .._graph import Unit
 from .base import AbstractUnitAlgorithm
 
@@ -129,4 +132,11 @@ class D_RTRL(AbstractDiagonalAlgorithm):
     - `sparse`: `False` to keep dense traces for masked weights too.
     """
 
-    sparse: bool = eqx.field(default=True, static=True)
+    # Validated in `__check_init__` with an `EtraceError`, hence `Any`.
+    sparse: Any = eqx.field(default=True, static=True)
+
+    def __check_init__(self):
+        if not isinstance(self.sparse, bool):
+            raise EtraceError(
+                f"`D_RTRL(sparse=...)` must be True or False, got {self.sparse!r}."
+            )
