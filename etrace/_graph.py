@@ -218,5 +218,5 @@ class Graph:
         )
 
     def unit_bytes(self, unit: Unit, per_element: int) -> int:
-        """The bytes of a dense `(B, Fw, Fx, C, K)` trace of `unit`."""
+        """The bytes of a dense D-RTRL trace of `unit`: `K` arrays `(B, Fw, Fx, C)`."""
         return math.prod(unit.shape) * unit.k * per_element

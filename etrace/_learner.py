@@ -277,7 +277,8 @@ class Learner(eqx.Module):
 
         A dictionary from hidden group name to the trace of the unit through which
         the parameter feeds that group (a tuple if several do). The layout is the
-        algorithm's; for `D_RTRL` it is `(B, Fw, Fx, C, K)` in canonical form.
+        algorithm's; for `D_RTRL` it is a tuple of `K` arrays `(B, Fw, Fx, C)` in
+        canonical form, one per state of the group's neurons.
 
         **Raises:**
 
@@ -359,7 +360,7 @@ class Learner(eqx.Module):
             nbytes = 0
             for tree in found.values():
                 leaves = jtu.tree_leaves(tree)
-                shapes.append("/".join(str(tuple(x.shape)) for x in leaves))
+                shapes.append(_shapes(leaves))
                 nbytes += sum(
                     math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves
                 )
@@ -526,3 +527,11 @@ def _finite_gradient(leaf: Any, path: str) -> Any:
 
     identity.defvjp(fwd, bwd)
     return identity(leaf)
+
+
+def _shapes(leaves: list[Any]) -> str:
+    """`"(1, 3, 1, 2)/(1, 3, 1)"`; `"2 x (1, 3, 1, 2)"` for repeated shapes."""
+    shapes = [str(tuple(x.shape)) for x in leaves]
+    if len(shapes) > 1 and len(set(shapes)) == 1:
+        return f"{len(shapes)} x {shapes[0]}"
+    return "/".join(shapes)

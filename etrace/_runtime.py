@@ -17,6 +17,8 @@ Each equation reads one of several versions of its operands:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import equinox as eqx
@@ -173,22 +175,67 @@ def _is_float(a: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(a), jnp.inexact)
 
 
+_SUMMED = contextvars.ContextVar("etrace_summed_batch", default=False)
+
+
+@contextlib.contextmanager
+def summed_batch():
+    """While tracing `grad(vmap(step))` (and only then: under `vmap(grad(...))`
+    each example needs its own gradient), let the read-out sum over the batch
+    itself: see `AbstractAlgorithm.summed_gradients`."""
+    token = _SUMMED.set(True)
+    try:
+        yield
+    finally:
+        _SUMMED.reset(token)
+
+
 def _group_hook(
     algorithm: Any, sub: Graph, group: Group, dtypes: list[Any], anchored: bool
 ):
     outputs = list(sub.outputs.get(group.name, ()))
 
-    def read_out(traces, jac, cot, anchor_cot):
+    def learning_signal(cot, anchor_cot):
         signal = jnp.stack([_flat(c) for c in cot], axis=-1)
         if anchor_cot is not None:
             signal = signal.at[:, outputs].add(anchor_cot[:, None])
-        grads = algorithm.gradients(sub, traces, {group.name: signal}, jac)
+        return {group.name: signal}
+
+    def to_weights(grads):
         return [
             u.site.weight_from_canonical(grads[u.name]).astype(dt)
             for u, dt in zip(sub.units, dtypes)
         ]
 
-    return gradient_hook(read_out, anchored)
+    def read_out(traces, jac, cot, anchor_cot):
+        signal = learning_signal(cot, anchor_cot)
+        return to_weights(algorithm.gradients(sub, traces, signal, jac))
+
+    if not _SUMMED.get():
+        return gradient_hook(read_out, anchored)
+
+    summed_read_out = jax.custom_batching.custom_vmap(read_out)
+
+    @summed_read_out.def_vmap
+    def _(axis_size, in_batched, traces, jac, cot, anchor_cot):
+        # Under the batch `vmap` of `online_grad`: `custom_vjp` sums the weights'
+        # cotangents over the batch, so return that sum, unbatched.
+        def batched(tree, flags):
+            return jtu.tree_map(
+                lambda a, b: a if b else jnp.broadcast_to(a, (axis_size,) + a.shape),
+                tree,
+                flags,
+            )
+
+        traces, jac, cot, anchor_cot = batched(
+            (traces, jac, cot, anchor_cot), tuple(in_batched)
+        )
+        signal = jax.vmap(learning_signal)(cot, anchor_cot)
+        grads = algorithm.summed_gradients(sub, traces, signal, jac)
+        out = to_weights(grads)
+        return out, [False] * len(out)
+
+    return gradient_hook(summed_read_out, anchored)
 
 
 def capability(algorithm: Any, name: str, default: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,7 @@ from jaxtyping import Array, Float, PyTree
 from ._compiler import keystr
 from ._errors import EtraceError
 from ._learner import Learner, TraceState
-from ._runtime import capability
+from ._runtime import capability, summed_batch
 
 
 def _length(xs: Any, targets: Any, mask: Any) -> int:
@@ -136,7 +137,11 @@ def online_grad(
         return (ts, total), loss
 
     init = (trace_state, _zeros_like_grads(model))
-    (trace_state, grads), losses = jax.lax.scan(body, init, (xs, targets, mask))
+    # Under `grad(vmap(step))` the weights' gradient is a sum over the batch, which
+    # the read-out can form itself (one matrix product for ES-D-RTRL, OTTT).
+    summing = summed_batch() if batched else contextlib.nullcontext()
+    with summing:
+        (trace_state, grads), losses = jax.lax.scan(body, init, (xs, targets, mask))
     return grads, trace_state, losses
 
 

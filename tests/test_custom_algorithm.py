@@ -63,7 +63,9 @@ def test_wrapper_keeps_the_inner_trace_structure(wrappers):
 def test_subclass_overriding_update_is_used():
     class Halved(etrace.D_RTRL):
         def update_unit(self, unit, trace, D, Df, x):
-            return 0.5 * super().update_unit(unit, trace, D, Df, x)
+            # D-RTRL's trace is a tuple, one array per state
+            new = super().update_unit(unit, trace, D, Df, x)
+            return jax.tree.map(lambda eps: 0.5 * eps, new)
 
     *_, plain = _run(etrace.D_RTRL(), length=1)
     *_, halved = _run(Halved(), length=1)

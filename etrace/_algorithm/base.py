@@ -6,6 +6,7 @@ import abc
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
@@ -94,6 +95,50 @@ class AbstractAlgorithm(eqx.Module):
         `(B, Fw, C)` layout.
         """
 
+    def summed_gradients(
+        self,
+        graph: Graph,
+        traces: dict[str, PyTree[Array]],
+        signal: dict[str, Array],
+        jac: Any,
+    ) -> dict[str, Array]:
+        """`gradients` of a whole batch, summed over it.
+
+        Every argument carries a leading batch axis (the traces and Jacobians of
+        each example). `etrace.online_grad` calls this instead of `gradients` under
+        its `vmap`, so that a read-out that is an outer product (ES-D-RTRL, OTTT)
+        becomes one matrix product over the batch instead of one outer product per
+        example followed by a sum. The default is exactly that: `gradients` per
+        example, summed. Override it only together with `gradients`.
+        """
+        per_example = jax.vmap(lambda tr, s, j: self.gradients(graph, tr, s, j))(
+            traces, signal, jac
+        )
+        return {name: jnp.sum(g, axis=0) for name, g in per_example.items()}
+
+
+def overrides(algorithm: Any, cls: type, *names: str) -> bool:
+    """Whether `type(algorithm)` replaces any of `cls`'s methods `names` (then a
+    shortcut `cls` takes for them no longer computes what the subclass means)."""
+    return any(getattr(type(algorithm), n) is not getattr(cls, n) for n in names)
+
+
+def sum_states(a: Array) -> Array:
+    """`a.sum(axis=-1)` over the few states `K` of the last axis, written as
+    element-wise additions: XLA on CPU runs a reduction over a minor axis of size 2
+    some hundred times slower than the additions."""
+    total = a[..., 0]
+    for k in range(1, a.shape[-1]):
+        total = total + a[..., k]
+    return total
+
+
+def outer_product_sum(a: Array, b: Array) -> Array:
+    """`sum_n sum_f a[n, b, w, f] b[n, b, f, c]`: the batch sum of per-example
+    outer products as one matrix product (an outer product per example followed by
+    a sum over the batch is several times slower)."""
+    return jnp.einsum("nbwf,nbfc->bwc", a, b)
+
 
 class AbstractUnitAlgorithm(AbstractAlgorithm):
     """An algorithm that keeps an independent trace for every unit.
@@ -178,4 +223,36 @@ class AbstractUnitAlgorithm(AbstractAlgorithm):
             out[u.name] = self.gradient_unit(
                 u, traces[u.name], sig, jac.Df[u.name], jac.x[u.name]
             )
+        return out
+
+    def summed_gradient_unit(
+        self, unit: Unit, trace: PyTree[Array], signal: Array, Df: Array, x: Array
+    ) -> Array | None:
+        """`gradient_unit` summed over a batch (every argument with a leading batch
+        axis), or `None` (the default) to take `gradient_unit` per example and sum.
+        A shortcut for read-outs that are outer products (see `outer_product_sum`);
+        implementations return `None` when a subclass replaced `gradient_unit`."""
+        del unit, trace, signal, Df, x
+        return None
+
+    def summed_gradients(self, graph, traces, signal, jac):
+        if overrides(self, AbstractUnitAlgorithm, "gradients"):
+            return super().summed_gradients(graph, traces, signal, jac)
+        return self.summed_unit_gradients(graph, traces, signal, jac)
+
+    def summed_unit_gradients(self, graph, traces, signal, jac):
+        """`summed_gradients` unit by unit, through `summed_gradient_unit`."""
+        out = {}
+        for u in graph.units:
+            args = (
+                traces[u.name],
+                signal[u.group.name][:, u.nmap],
+                jac.Df[u.name],
+                jac.x[u.name],
+            )
+            summed = self.summed_gradient_unit(u, *args)
+            if summed is None:
+                per_example = jax.vmap(self.gradient_unit, in_axes=(None, 0, 0, 0, 0))
+                summed = jnp.sum(per_example(u, *args), axis=0)
+            out[u.name] = summed
         return out

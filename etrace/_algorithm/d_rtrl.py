@@ -14,20 +14,38 @@ from .._graph import Unit
 from .base import AbstractUnitAlgorithm
 
 
-def diagonal_init(unit: Unit) -> Float[Array, "b w f c k"]:
-    """A zero D-RTRL trace `(B, Fw, Fx, C, K)` for one unit."""
-    return jnp.zeros(unit.shape + (unit.k,), unit.site.dtype)
+def diagonal_init(unit: Unit) -> tuple[Float[Array, "b w f c"], ...]:
+    """A zero D-RTRL trace for one unit: one `(B, Fw, Fx, C)` array per state `k`."""
+    return tuple(jnp.zeros(unit.shape, unit.site.dtype) for _ in range(unit.k))
+
+
+def _recur(trace, D, drive):
+    """`new[k] = sum_j D[..., k, j] * trace[j] + drive(k)`, one element-wise
+    expression per state that XLA fuses into a single pass over the trace. (A
+    contraction over `K` inside an einsum, with `K` the minor axis, compiles to
+    many tiny matrix products instead.)"""
+    out = []
+    for k in range(len(trace)):
+        new = drive(k)
+        for j, eps in enumerate(trace):
+            d = D[..., k, j]
+            new = new + jnp.reshape(d, d.shape + (1,) * (eps.ndim - d.ndim)) * eps
+        out.append(new)
+    return tuple(out)
 
 
 def diagonal_update(trace, D, Df, x):
-    """`eps = D eps + Df (x) x` in canonical layout."""
-    decayed = jnp.einsum("bwfkj,bwfcj->bwfck", D, trace)
-    return decayed + jnp.einsum("bwfk,bfc->bwfck", Df, x)
+    """`eps = D eps + Df (x) x` in canonical layout: `trace` is one `(B, Fw, Fx, C)`
+    array per state, `D` is `(B, Fw, Fx, K, K)`, `Df` is `(B, Fw, Fx, K)` and `x` is
+    `(B, Fx, C)`."""
+    return _recur(trace, D, lambda k: Df[..., k, None] * x[:, None])
 
 
 def diagonal_readout(trace, signal):
-    """`grad[m, i] = sum_k c_k[n(m)] eps[i, m, k]` in canonical layout."""
-    return jnp.einsum("bwfk,bwfck->bwc", signal, trace)
+    """`grad[m, i] = sum_k c_k[n(m)] eps[k][m, i]` in canonical layout."""
+    return sum(
+        jnp.einsum("bwf,bwfc->bwc", signal[..., k], eps) for k, eps in enumerate(trace)
+    )
 
 
 def nonzeros(unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,10 +56,11 @@ def nonzeros(unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return b, w, c
 
 
-def sparse_init(unit: Unit) -> Float[Array, "nnz f k"]:
-    """A zero D-RTRL trace `(nnz, Fx, K)` kept at a masked weight's non-zeros."""
+def sparse_init(unit: Unit) -> tuple[Float[Array, "nnz f"], ...]:
+    """A zero D-RTRL trace kept at a masked weight's non-zeros: one `(nnz, Fx)`
+    array per state."""
     nnz = len(nonzeros(unit)[0])
-    return jnp.zeros((nnz, unit.site.fx, unit.k), unit.site.dtype)
+    return tuple(jnp.zeros((nnz, unit.site.fx), unit.site.dtype) for _ in range(unit.k))
 
 
 def _rows(a, index):
@@ -57,7 +76,7 @@ def sparse_update(unit: Unit, trace, D, Df, x):
     D = _rows(D.reshape((s.b * s.fw,) + D.shape[2:]), bw)
     Df = _rows(Df.reshape((s.b * s.fw,) + Df.shape[2:]), bw)
     x = _rows(jnp.swapaxes(x, 1, 2).reshape(s.b * s.c, s.fx), b * s.c + c)
-    return jnp.einsum("nfkj,nfj->nfk", D, trace) + Df * x[..., None]
+    return _recur(trace, D, lambda k: Df[..., k] * x)
 
 
 def sparse_readout(unit: Unit, trace, signal):
@@ -65,7 +84,7 @@ def sparse_readout(unit: Unit, trace, signal):
     s = unit.site
     b, w, c = nonzeros(unit)
     signal = _rows(signal.reshape((s.b * s.fw,) + signal.shape[2:]), b * s.fw + w)
-    grad = jnp.einsum("nfk,nfk->n", signal, trace)
+    grad = sum(jnp.sum(signal[..., k] * eps, axis=1) for k, eps in enumerate(trace))
     # Scatter as a gather (faster on CPU): every canonical entry reads its non-zero,
     # or the appended zero.
     where = np.full(s.b * s.fw * s.c, len(b))
@@ -84,7 +103,7 @@ class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
         weight with structural zeros (a constant mask), unless disabled."""
         return unit.site.pattern is not None and getattr(self, "sparse", True)
 
-    def init_unit(self, unit: Unit) -> Float[Array, "*trace"]:
+    def init_unit(self, unit: Unit) -> tuple[Float[Array, "*trace"], ...]:
         if self.stores_sparse(unit):
             return sparse_init(unit)
         return diagonal_init(unit)
@@ -124,8 +143,8 @@ class D_RTRL(AbstractDiagonalAlgorithm):
 
     A weight with structural zeros (`(mask * W) @ x` with a constant mask, or a
     mask kept as a boolean/integer array of the model) keeps its trace at the
-    mask's non-zeros only, `(nnz, Fx, K)` in `np.nonzero(unit.site.pattern)` order,
-    instead of `(B, Fw, Fx, C, K)`; the gradient is zero off the mask.
+    mask's non-zeros only, `K` arrays `(nnz, Fx)` in `np.nonzero(unit.site.pattern)`
+    order, instead of `K` arrays `(B, Fw, Fx, C)`; the gradient is zero off the mask.
 
     **Arguments:**
 

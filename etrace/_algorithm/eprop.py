@@ -25,26 +25,29 @@ def feedback_of(feedback: Any) -> FixedRandomFeedback | None:
 
 
 def filtered_init(graph: Graph, filt: Any) -> dict[str, Any]:
-    """D-RTRL traces; with a filter, a (trace, filtered trace) pair for every unit
-    whose group feeds a downstream hidden group."""
+    """D-RTRL traces; with a filter, `{"trace": ..., "filtered": ...}` for every
+    unit whose group feeds a downstream hidden group."""
     out = {}
     for u in graph.units:
         eps = diagonal_init(u)
         feeds = graph.downstream.get(u.group.name)
-        out[u.name] = (eps, eps) if filt is not None and feeds else eps
+        out[u.name] = (
+            {"trace": eps, "filtered": eps} if filt is not None and feeds else eps
+        )
     return out
 
 
 def filtered_update(filt: Any, trace: Any, D: Any, Df: Any, x: Any) -> Any:
-    if isinstance(trace, tuple):
-        eps, bar = trace
-        eps = diagonal_update(eps, D, Df, x)
-        return eps, filt(bar, eps)
+    if isinstance(trace, dict):
+        eps = diagonal_update(trace["trace"], D, Df, x)
+        return {"trace": eps, "filtered": filt(trace["filtered"], eps)}
     return diagonal_update(trace, D, Df, x)
 
 
 def filtered_readout(trace: Any, signal: Any) -> Any:
-    return diagonal_readout(trace[1] if isinstance(trace, tuple) else trace, signal)
+    if isinstance(trace, dict):
+        trace = trace["filtered"]
+    return diagonal_readout(trace, signal)
 
 
 class EProp(AbstractUnitAlgorithm):

@@ -9,7 +9,13 @@ from jaxtyping import Array, Float
 
 from .._errors import EtraceError
 from .._graph import Unit
-from .base import AbstractUnitAlgorithm
+from .base import (
+    AbstractAlgorithm,
+    AbstractUnitAlgorithm,
+    outer_product_sum,
+    overrides,
+    sum_states,
+)
 
 
 class ES_D_RTRL(AbstractUnitAlgorithm):
@@ -83,23 +89,48 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
         ex, ef = trace
         a = self.decay
         ex = a * ex + x
-        ef = a * jnp.einsum("bwfkj,bwfj->bwfk", D, ef) + (1 - a) * Df
+        # `D ef` written out over the `K` states: an einsum contracting `K`
+        # compiles to one tiny matrix product per output on CPU.
+        k = ef.shape[-1]
+        decayed = [sum(D[..., i, j] * ef[..., j] for j in range(k)) for i in range(k)]
+        ef = a * jnp.stack(decayed, axis=-1) + (1 - a) * Df
         return ex, ef
 
     def gradient_unit(self, unit, trace, signal, Df, x):
         del unit, Df, x
         ex, ef = trace
-        return jnp.einsum("bwfk,bwfk,bfc->bwc", signal, ef, ex)
+        return jnp.einsum("bwf,bfc->bwc", sum_states(signal * ef), ex)
 
-    def gradients(self, graph, traces, signal, jac):
-        grads = super().gradients(graph, traces, signal, jac)
-        if not self.bias_correction or self.decay == 0.0:
-            return grads
+    def summed_gradient_unit(self, unit, trace, signal, Df, x):
+        if overrides(self, ES_D_RTRL, "gradient_unit"):
+            return None
+        return outer_product_sum(sum_states(signal * trace[1]), trace[0])
+
+    def _correction(self, t: Any) -> Any:
         # The output trace is an exponential average started from zero: its weights
         # sum to 1 - a^(t+1), not 1. (The input trace is a discounted sum, not an
         # average, and needs no correction.)
-        scale = 1.0 / (1.0 - self.decay ** (jnp.asarray(jac.t) + 1))
+        if not self.bias_correction or self.decay == 0.0:
+            return None
+        return 1.0 / (1.0 - self.decay ** (jnp.asarray(t) + 1))
+
+    def gradients(self, graph, traces, signal, jac):
+        grads = super().gradients(graph, traces, signal, jac)
+        scale = self._correction(jac.t)
+        if scale is None:
+            return grads
         return {k: g * scale.astype(g.dtype) for k, g in grads.items()}
+
+    def summed_gradients(self, graph, traces, signal, jac):
+        if overrides(self, ES_D_RTRL, "gradients"):
+            return AbstractAlgorithm.summed_gradients(self, graph, traces, signal, jac)
+        scale = self._correction(jac.t)  # one per example
+        if scale is not None:
+            signal = {
+                g: s * scale.astype(s.dtype).reshape((-1,) + (1,) * (s.ndim - 1))
+                for g, s in signal.items()
+            }
+        return self.summed_unit_gradients(graph, traces, signal, jac)
 
 
 pp_prop = ES_D_RTRL

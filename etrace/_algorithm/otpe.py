@@ -7,7 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from .._graph import Graph, Unit
-from .base import AbstractUnitAlgorithm
+from .base import AbstractUnitAlgorithm, sum_states
 from .d_rtrl import diagonal_init
 from .eprop import filtered_init, filtered_readout, filtered_update
 from .helpers import KappaFilter
@@ -105,7 +105,6 @@ class OTPE(AbstractUnitAlgorithm):
             z, S = trace[-2], trace[-1]
             norm = (1 - lam ** (t + 1)) / (1 - lam)
             sig = signal[u.group.name][u.nmap]
-            out[u.name] = jnp.einsum("bwfk,bwfk,bfc->bwc", sig, S, z) / norm.astype(
-                S.dtype
-            )
+            grad = jnp.einsum("bwf,bfc->bwc", sum_states(sig * S), z)
+            out[u.name] = grad / norm.astype(S.dtype)
         return out

@@ -8,7 +8,7 @@ from typing import Any
 from jaxtyping import Array, PyTree
 
 from .._graph import Graph
-from .base import AbstractAlgorithm
+from .base import AbstractAlgorithm, overrides
 
 
 class AbstractWrappedAlgorithm(AbstractAlgorithm):
@@ -59,3 +59,14 @@ class AbstractWrappedAlgorithm(AbstractAlgorithm):
         jac: Any,
     ) -> dict[str, Array]:
         return self.inner.gradients(graph, traces, signal, jac)
+
+    def summed_gradients(
+        self,
+        graph: Graph,
+        traces: dict[str, PyTree[Array]],
+        signal: dict[str, Array],
+        jac: Any,
+    ) -> dict[str, Array]:
+        if overrides(self, AbstractWrappedAlgorithm, "gradients"):
+            return super().summed_gradients(graph, traces, signal, jac)
+        return self.inner.summed_gradients(graph, traces, signal, jac)
