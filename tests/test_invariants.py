@@ -82,3 +82,51 @@ def test_model_without_hidden_group(name):
     assert not learner.graph.groups
     xs, ys = data(0, 5, 3, 2)
     et.assert_matches_bptt(learner, mse, model, ts, xs, ys, require_live=False)
+
+
+@pytest.mark.parametrize("name", ["es_d_rtrl", "ottt", "d_rtrl"])
+def test_vmap_of_grad_keeps_per_example_gradients(name):
+    # `online_grad` sums the read-out over its batch inside `vmap`; under
+    # `vmap(grad(step))` every example must keep its own gradient.
+    model, state = et.build("lstm", 2, 3, 2, 4)
+    xs, ys = data(5, 1, 2, 2, batch=3)
+    learner, _ = etrace.compile(
+        model, xs[0, 0], state=state, algorithm=ALGORITHMS[name]
+    )
+    warm = jax.vmap(lambda x: learner.step(model, learner.init(), x)[1])(xs[0])
+
+    def grad_one(ts, x, y):
+        def loss(m):
+            return mse(learner.step(m, ts, x)[0], y)
+
+        return eqx.filter_grad(loss)(model)
+
+    per_example = jax.vmap(grad_one)(warm, xs[0], ys[0])
+    for b in range(3):
+        ts_b = jax.tree.map(lambda a: a[b], warm)
+        one = grad_one(ts_b, xs[0, b], ys[0, b])
+        got = jax.tree.map(lambda a: a[b], per_example)
+        assert max(leaf_errors(got, one).values()) <= 1e-9
+    # Examples differ, so a summed read-out would have been caught.
+    first, second = (jax.tree.map(lambda a: a[b], per_example) for b in (0, 1))
+    assert max(leaf_errors(first, second).values()) > 1e-3
+
+
+def test_summed_read_out_respects_an_overridden_gradient_unit():
+    class Doubled(etrace.ES_D_RTRL):
+        def gradient_unit(self, unit, trace, signal, Df, x):
+            return 2 * super().gradient_unit(unit, trace, signal, Df, x)
+
+    model, state = et.build("lstm", 2, 3, 2, 4)
+    xs, ys = data(6, 4, 2, 2, batch=3)
+
+    def batched(algorithm):
+        learner, _ = etrace.compile(model, xs[0, 0], state=state, algorithm=algorithm)
+        ts = learner.init(batch_size=3)
+        return etrace.online_grad(learner, mse, model, ts, xs, ys)[0]
+
+    plain, doubled = batched(etrace.ES_D_RTRL(decay=0.6)), batched(Doubled(decay=0.6))
+    traced = lambda g: g.cell.weight_hh  # noqa: E731
+    twice = jax.tree.map(lambda a: 2 * a, traced(plain))
+    assert leaf_errors(traced(doubled), twice)[""] <= 1e-9
+    assert float(jnp.max(jnp.abs(traced(plain)))) > 1e-3
