@@ -4,6 +4,7 @@ from . import nn as nn
 from ._algorithm.base import (
     AbstractAlgorithm as AbstractAlgorithm,
     AbstractUnitAlgorithm as AbstractUnitAlgorithm,
+    batch_sum as batch_sum,
 )
 from ._algorithm.d_rtrl import D_RTRL as D_RTRL
 from ._algorithm.eprop import EProp as EProp
@@ -20,6 +21,7 @@ from ._algorithm.ostl import (
 from ._algorithm.osttp import OSTTP as OSTTP
 from ._algorithm.otpe import OTPE as OTPE
 from ._algorithm.ottt import OTTT as OTTT
+from ._algorithm.precision import ReducedPrecision as ReducedPrecision
 from ._algorithm.rtrl import RTRL as RTRL
 from ._algorithm.snap import SnAp as SnAp
 from ._algorithm.uoro import UORO as UORO

@@ -735,6 +735,10 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
         group_tail.append(tuple(sorted(gt)))
         full, _ = _backward(program, ints, lambda v: False)
         anc.append(full)
+    groups, units = _with_coupling(
+        program, groups, units, group_tail, active_sinks, state_vars
+    )
+    graph = dataclasses.replace(graph, groups=tuple(groups), units=tuple(units))
     anc_all = frozenset().union(*anc) if anc else frozenset()
     param_only_vars = frozenset(v for v in pmask if v not in dyn)
     joint_bits = 0
@@ -876,6 +880,47 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
         joint_params=joint_params,
         mask_leaves=mask_leaves,
     )
+
+
+def _coupling(program, eqns, leaves, sinks, state_vars):
+    """`Group.coupling` of one group: which new states depend on which previous
+    ones through its update `eqns`. Dependence is carried by inexact values only
+    (a comparison's boolean result has no derivative) and is cut by
+    `stop_gradient`, as in autodiff; anything else counts as a dependence."""
+    dep: dict[int, int] = {}
+    for b, j in enumerate(leaves):
+        dep[state_vars[j]] = 1 << b
+    for i in eqns:
+        e = program.eqns[i]
+        if e.name == "stop_gradient":
+            continue
+        m = 0
+        for a in e.ins:
+            if isinstance(a, int):
+                m |= dep.get(a, 0)
+        if m:
+            for o in e.outs:
+                if jnp.issubdtype(program.avals[o].dtype, jnp.inexact):
+                    dep[o] = m
+    return tuple(
+        tuple(
+            isinstance(s, int) and bool(dep.get(s, 0) >> b & 1)
+            for b in range(len(leaves))
+        )
+        for s in sinks
+    )
+
+
+def _with_coupling(program, groups, units, group_tail, active_sinks, state_vars):
+    """The groups with their `coupling` pattern, and the units pointing at them."""
+    new = [
+        dataclasses.replace(
+            g, coupling=_coupling(program, gt, g.leaves, sinks, state_vars)
+        )
+        for g, gt, sinks in zip(groups, group_tail, active_sinks)
+    ]
+    by_old = {id(g): n for g, n in zip(groups, new)}
+    return new, [dataclasses.replace(u, group=by_old[id(u.group)]) for u in units]
 
 
 def _group_dependencies(program, groups, state_vars, sink_group, units):

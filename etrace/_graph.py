@@ -37,6 +37,13 @@ class Group:
     - `n`: number of neurons (elements per leaf).
     - `k`: number of states per neuron.
     - `dtype`: the dtype of its leaves.
+    - `coupling`: the structural pattern of the diagonal Jacobian `D`:
+        `coupling[k][j]` is `False` where the new value of state `k` cannot depend
+        on the previous value of state `j` (no path between them in the update, or
+        only through `stop_gradient` or integer and boolean values), so that
+        `D[:, k, j]` is zero for every input. `None` (the default) claims nothing.
+        A spiking neuron's spike state is the typical zero column: its previous
+        value is not read by its own update.
     """
 
     name: str
@@ -46,6 +53,11 @@ class Group:
     n: int
     k: int
     dtype: Any
+    coupling: tuple[tuple[bool, ...], ...] | None = None
+
+    def couples(self, k: int, j: int) -> bool:
+        """Whether `D[:, k, j]` can be non-zero (see `coupling`)."""
+        return self.coupling is None or self.coupling[k][j]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -152,6 +164,33 @@ class Unit:
     def k(self) -> int:
         """The number of states per neuron of the unit's group."""
         return self.group.k
+
+    def gather(self, a: Any, axis: int = 0) -> Any:
+        """`a[nmap]` along `axis`: per-neuron values (`D`, the learning signal) taken
+        to each canonical output, shape `a.shape[:axis] + (B, Fw, Fx) +
+        a.shape[axis + 1:]`.
+
+        The usual maps are regular (every output its own neuron; gates that
+        repeat the neurons, as in a GRU's `3H` outputs; positions that share a
+        channel, as in a convolution) and are then a reshape or broadcast that XLA
+        fuses into what reads them; other maps are a gather.
+        """
+        a = jnp.asarray(a)
+        n = a.shape[axis]
+        flat = self.nmap.reshape(-1)
+        m = flat.size
+        lead, rest = a.shape[:axis], a.shape[axis + 1 :]
+        span = np.arange(n)
+        if m % n == 0 and np.array_equal(flat, np.tile(span, m // n)):
+            out = jnp.expand_dims(a, axis)
+            out = jnp.broadcast_to(out, lead + (m // n, n) + rest)
+        elif m % n == 0 and np.array_equal(flat, np.repeat(span, m // n)):
+            out = jnp.expand_dims(a, axis + 1)
+            out = jnp.broadcast_to(out, lead + (n, m // n) + rest)
+        else:
+            index = (slice(None),) * axis + (flat,)
+            out = a.at[index].get(mode="promise_in_bounds")
+        return out.reshape(lead + self.nmap.shape + rest)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

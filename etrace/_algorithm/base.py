@@ -114,13 +114,37 @@ class AbstractAlgorithm(eqx.Module):
         per_example = jax.vmap(lambda tr, s, j: self.gradients(graph, tr, s, j))(
             traces, signal, jac
         )
-        return {name: jnp.sum(g, axis=0) for name, g in per_example.items()}
+        return {name: batch_sum(g) for name, g in per_example.items()}
 
 
 def overrides(algorithm: Any, cls: type, *names: str) -> bool:
     """Whether `type(algorithm)` replaces any of `cls`'s methods `names` (then a
     shortcut `cls` takes for them no longer computes what the subclass means)."""
     return any(getattr(type(algorithm), n) is not getattr(cls, n) for n in names)
+
+
+def batch_sum(a: Array) -> Array:
+    """`a.sum(axis=0)` as a tree of element-wise additions of halves of the batch.
+
+    XLA fuses the additions, with the products that produce `a`, into one pass.
+    A reduction over the batch of such products is what XLA on CPU otherwise
+    hands to a library kernel that runs several times slower than the trace
+    update that produced `a` (measured with `benchmarks/training.py`).
+    """
+    if a.shape[0] == 0:
+        return jnp.zeros(a.shape[1:], a.dtype)
+    rest = []
+    while a.shape[0] > 1:
+        n = a.shape[0]
+        if n % 2:
+            rest.append(a[-1])
+            a = a[: n - 1]
+            n -= 1
+        a = a[: n // 2] + a[n // 2 :]
+    total = a[0]
+    for r in rest:
+        total = total + r
+    return total
 
 
 def sum_states(a: Array) -> Array:
@@ -210,7 +234,7 @@ class AbstractUnitAlgorithm(AbstractAlgorithm):
     def update(self, graph, traces, jac):
         out = {}
         for u in graph.units:
-            D = jnp.asarray(jac.D[u.group.name])[u.nmap]
+            D = u.gather(jac.D[u.group.name])
             out[u.name] = self.update_unit(
                 u, traces[u.name], D, jac.Df[u.name], jac.x[u.name]
             )
@@ -219,7 +243,7 @@ class AbstractUnitAlgorithm(AbstractAlgorithm):
     def gradients(self, graph, traces, signal, jac):
         out = {}
         for u in graph.units:
-            sig = signal[u.group.name][u.nmap]
+            sig = u.gather(signal[u.group.name])
             out[u.name] = self.gradient_unit(
                 u, traces[u.name], sig, jac.Df[u.name], jac.x[u.name]
             )
@@ -246,13 +270,13 @@ class AbstractUnitAlgorithm(AbstractAlgorithm):
         for u in graph.units:
             args = (
                 traces[u.name],
-                signal[u.group.name][:, u.nmap],
+                u.gather(signal[u.group.name], axis=1),
                 jac.Df[u.name],
                 jac.x[u.name],
             )
             summed = self.summed_gradient_unit(u, *args)
             if summed is None:
                 per_example = jax.vmap(self.gradient_unit, in_axes=(None, 0, 0, 0, 0))
-                summed = jnp.sum(per_example(u, *args), axis=0)
+                summed = batch_sum(per_example(u, *args))
             out[u.name] = summed
         return out

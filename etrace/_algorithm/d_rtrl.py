@@ -11,7 +11,7 @@ from jaxtyping import Array, Float
 
 from .._errors import EtraceError
 from .._graph import Unit
-from .base import AbstractUnitAlgorithm
+from .base import AbstractUnitAlgorithm, batch_sum, overrides
 
 
 def diagonal_init(unit: Unit) -> tuple[Float[Array, "b w f c"], ...]:
@@ -19,26 +19,31 @@ def diagonal_init(unit: Unit) -> tuple[Float[Array, "b w f c"], ...]:
     return tuple(jnp.zeros(unit.shape, unit.site.dtype) for _ in range(unit.k))
 
 
-def _recur(trace, D, drive):
+def _recur(trace, D, drive, group=None):
     """`new[k] = sum_j D[..., k, j] * trace[j] + drive(k)`, one element-wise
     expression per state that XLA fuses into a single pass over the trace. (A
     contraction over `K` inside an einsum, with `K` the minor axis, compiles to
-    many tiny matrix products instead.)"""
+    many tiny matrix products instead.) Terms that `group.coupling` says are
+    structurally zero are left out: XLA cannot drop `0 * eps` itself (it is not
+    zero for an infinite `eps`), and without them a state whose previous value
+    nothing reads (a spike) lets the other traces update in place."""
     out = []
     for k in range(len(trace)):
         new = drive(k)
         for j, eps in enumerate(trace):
+            if group is not None and not group.couples(k, j):
+                continue
             d = D[..., k, j]
             new = new + jnp.reshape(d, d.shape + (1,) * (eps.ndim - d.ndim)) * eps
         out.append(new)
     return tuple(out)
 
 
-def diagonal_update(trace, D, Df, x):
+def diagonal_update(trace, D, Df, x, group=None):
     """`eps = D eps + Df (x) x` in canonical layout: `trace` is one `(B, Fw, Fx, C)`
     array per state, `D` is `(B, Fw, Fx, K, K)`, `Df` is `(B, Fw, Fx, K)` and `x` is
-    `(B, Fx, C)`."""
-    return _recur(trace, D, lambda k: Df[..., k, None] * x[:, None])
+    `(B, Fx, C)`. With the `group`, structural zeros of `D` are skipped."""
+    return _recur(trace, D, lambda k: Df[..., k, None] * x[:, None], group)
 
 
 def diagonal_readout(trace, signal):
@@ -46,6 +51,14 @@ def diagonal_readout(trace, signal):
     return sum(
         jnp.einsum("bwf,bwfc->bwc", signal[..., k], eps) for k, eps in enumerate(trace)
     )
+
+
+def summed_diagonal_readout(trace, signal):
+    """`diagonal_readout` summed over a batch (a leading axis on every argument)."""
+    total = signal[..., 0, None] * trace[0]
+    for k in range(1, len(trace)):
+        total = total + signal[..., k, None] * trace[k]
+    return jnp.sum(batch_sum(total), axis=2)
 
 
 def nonzeros(unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -68,7 +81,7 @@ def _rows(a, index):
     return a.at[index].get(indices_are_sorted=True, mode="promise_in_bounds")
 
 
-def sparse_update(unit: Unit, trace, D, Df, x):
+def sparse_update(unit: Unit, trace, D, Df, x, group=None):
     """`diagonal_update` at the non-zeros only."""
     s = unit.site
     b, w, c = nonzeros(unit)
@@ -76,21 +89,47 @@ def sparse_update(unit: Unit, trace, D, Df, x):
     D = _rows(D.reshape((s.b * s.fw,) + D.shape[2:]), bw)
     Df = _rows(Df.reshape((s.b * s.fw,) + Df.shape[2:]), bw)
     x = _rows(jnp.swapaxes(x, 1, 2).reshape(s.b * s.c, s.fx), b * s.c + c)
-    return _recur(trace, D, lambda k: Df[..., k] * x)
+    return _recur(trace, D, lambda k: Df[..., k] * x, group)
+
+
+def _scatter(unit: Unit, grad):
+    """Values at the non-zeros `(..., nnz)` into canonical `(..., B, Fw, C)`, as a
+    gather (faster on CPU than a scatter): every canonical entry reads its
+    non-zero, or an appended zero."""
+    s = unit.site
+    b, w, c = nonzeros(unit)
+    where = np.full(s.b * s.fw * s.c, len(b))
+    where[(b * s.fw + w) * s.c + c] = np.arange(len(b))
+    lead = grad.shape[:-1]
+    padded = jnp.concatenate([grad, jnp.zeros(lead + (1,), grad.dtype)], axis=-1)
+    return padded[..., where].reshape(lead + (s.b, s.fw, s.c))
+
+
+def _sparse_signal(unit: Unit, signal):
+    """The signal `(..., B, Fw, Fx, K)` at each non-zero: `(..., nnz, Fx, K)`."""
+    s = unit.site
+    b, w, _ = nonzeros(unit)
+    lead = signal.shape[:-4]
+    flat = signal.reshape(lead + (s.b * s.fw,) + signal.shape[-2:])
+    index = (slice(None),) * len(lead) + (b * s.fw + w,)
+    return flat.at[index].get(indices_are_sorted=True, mode="promise_in_bounds")
 
 
 def sparse_readout(unit: Unit, trace, signal):
     """`diagonal_readout` at the non-zeros, scattered to canonical `(B, Fw, C)`."""
-    s = unit.site
-    b, w, c = nonzeros(unit)
-    signal = _rows(signal.reshape((s.b * s.fw,) + signal.shape[2:]), b * s.fw + w)
+    signal = _sparse_signal(unit, signal)
     grad = sum(jnp.sum(signal[..., k] * eps, axis=1) for k, eps in enumerate(trace))
-    # Scatter as a gather (faster on CPU): every canonical entry reads its non-zero,
-    # or the appended zero.
-    where = np.full(s.b * s.fw * s.c, len(b))
-    where[(b * s.fw + w) * s.c + c] = np.arange(len(b))
-    padded = jnp.concatenate([grad, jnp.zeros(1, grad.dtype)])
-    return padded[where].reshape(s.b, s.fw, s.c)
+    return _scatter(unit, grad)
+
+
+def summed_sparse_readout(unit: Unit, trace, signal):
+    """`sparse_readout` summed over a batch (a leading axis on every argument):
+    summed at the non-zeros, then scattered once."""
+    signal = _sparse_signal(unit, signal)
+    total = signal[..., 0] * trace[0]
+    for k in range(1, len(trace)):
+        total = total + signal[..., k] * trace[k]
+    return _scatter(unit, jnp.sum(batch_sum(total), axis=1))
 
 
 class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
@@ -109,15 +148,26 @@ class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
         return diagonal_init(unit)
 
     def update_unit(self, unit, trace, D, Df, x):
+        # `D` is the group's diagonal Jacobian, whose structural zeros the group
+        # records, unless the recurrence uses the full diagonal blocks `H`.
+        group = None if getattr(self, "full_diagonal", False) else unit.group
         if self.stores_sparse(unit):
-            return sparse_update(unit, trace, D, Df, x)
-        return diagonal_update(trace, D, Df, x)
+            return sparse_update(unit, trace, D, Df, x, group)
+        return diagonal_update(trace, D, Df, x, group)
 
     def gradient_unit(self, unit, trace, signal, Df, x):
         del Df, x
         if self.stores_sparse(unit):
             return sparse_readout(unit, trace, signal)
         return diagonal_readout(trace, signal)
+
+    def summed_gradient_unit(self, unit, trace, signal, Df, x):
+        del Df, x
+        if overrides(self, AbstractDiagonalAlgorithm, "gradient_unit"):
+            return None
+        if self.stores_sparse(unit):
+            return summed_sparse_readout(unit, trace, signal)
+        return summed_diagonal_readout(trace, signal)
 
 
 class D_RTRL(AbstractDiagonalAlgorithm):

@@ -6,8 +6,13 @@ from typing import Any, ClassVar
 
 from .._errors import EtraceError
 from .._graph import Graph, Unit
-from .base import AbstractUnitAlgorithm
-from .d_rtrl import diagonal_init, diagonal_readout, diagonal_update
+from .base import AbstractUnitAlgorithm, overrides
+from .d_rtrl import (
+    diagonal_init,
+    diagonal_readout,
+    diagonal_update,
+    summed_diagonal_readout,
+)
 from .helpers import FixedRandomFeedback, KappaFilter
 
 
@@ -37,16 +42,20 @@ def filtered_init(graph: Graph, filt: Any) -> dict[str, Any]:
     return out
 
 
-def filtered_update(filt: Any, trace: Any, D: Any, Df: Any, x: Any) -> Any:
+def filtered_update(filt: Any, unit: Unit, trace: Any, D: Any, Df: Any, x: Any) -> Any:
     if isinstance(trace, dict):
-        eps = diagonal_update(trace["trace"], D, Df, x)
+        eps = diagonal_update(trace["trace"], D, Df, x, unit.group)
         return {"trace": eps, "filtered": filt(trace["filtered"], eps)}
-    return diagonal_update(trace, D, Df, x)
+    return diagonal_update(trace, D, Df, x, unit.group)
 
 
-def filtered_readout(trace: Any, signal: Any) -> Any:
+def filtered_readout(trace: Any, signal: Any, summed: bool = False) -> Any:
+    """The read-out of (filtered) D-RTRL traces; `summed`: of a whole batch,
+    summed over it."""
     if isinstance(trace, dict):
         trace = trace["filtered"]
+    if summed:
+        return summed_diagonal_readout(trace, signal)
     return diagonal_readout(trace, signal)
 
 
@@ -105,9 +114,14 @@ class EProp(AbstractUnitAlgorithm):
         return diagonal_init(unit)
 
     def update_unit(self, unit, trace, D, Df, x):
-        del unit
-        return filtered_update(self.kappa, trace, D, Df, x)
+        return filtered_update(self.kappa, unit, trace, D, Df, x)
 
     def gradient_unit(self, unit, trace, signal, Df, x):
         del unit, Df, x
         return filtered_readout(trace, signal)
+
+    def summed_gradient_unit(self, unit, trace, signal, Df, x):
+        del unit, Df, x
+        if overrides(self, EProp, "gradient_unit"):
+            return None
+        return filtered_readout(trace, signal, summed=True)

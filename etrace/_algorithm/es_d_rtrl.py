@@ -85,14 +85,17 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
         )
 
     def update_unit(self, unit, trace, D, Df, x):
-        del unit
         ex, ef = trace
         a = self.decay
         ex = a * ex + x
-        # `D ef` written out over the `K` states: an einsum contracting `K`
-        # compiles to one tiny matrix product per output on CPU.
-        k = ef.shape[-1]
-        decayed = [sum(D[..., i, j] * ef[..., j] for j in range(k)) for i in range(k)]
+        # `D ef` written out over the `K` states, without its structural zeros: an
+        # einsum contracting `K` compiles to one tiny matrix product per output on
+        # CPU.
+        g = unit.group
+        decayed = []
+        for i in range(g.k):
+            terms = [D[..., i, j] * ef[..., j] for j in range(g.k) if g.couples(i, j)]
+            decayed.append(sum(terms[1:], terms[0]) if terms else 0 * ef[..., i])
         ef = a * jnp.stack(decayed, axis=-1) + (1 - a) * Df
         return ex, ef
 

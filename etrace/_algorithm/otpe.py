@@ -7,7 +7,12 @@ from typing import Any
 import jax.numpy as jnp
 
 from .._graph import Graph, Unit
-from .base import AbstractUnitAlgorithm, sum_states
+from .base import (
+    AbstractAlgorithm,
+    AbstractUnitAlgorithm,
+    overrides,
+    sum_states,
+)
 from .d_rtrl import diagonal_init
 from .eprop import filtered_init, filtered_readout, filtered_update
 from .helpers import KappaFilter
@@ -79,9 +84,8 @@ class OTPE(AbstractUnitAlgorithm):
         return diagonal_init(unit)
 
     def update_unit(self, unit, trace, D, Df, x):
-        del unit
         if not self.approx:
-            return filtered_update(self.filter, trace, D, Df, x)
+            return filtered_update(self.filter, unit, trace, D, Df, x)
         lam = self.decay
         z, S = trace[0], trace[-1]
         z = lam * z + x
@@ -94,6 +98,17 @@ class OTPE(AbstractUnitAlgorithm):
         del unit, Df, x
         return filtered_readout(trace, signal)
 
+    def summed_gradient_unit(self, unit, trace, signal, Df, x):
+        del unit, Df, x
+        if self.approx or overrides(self, OTPE, "gradient_unit"):
+            return None
+        return filtered_readout(trace, signal, summed=True)
+
+    def summed_gradients(self, graph, traces, signal, jac):
+        if self.approx or overrides(self, OTPE, "gradients"):
+            return AbstractAlgorithm.summed_gradients(self, graph, traces, signal, jac)
+        return self.summed_unit_gradients(graph, traces, signal, jac)
+
     def gradients(self, graph, traces, signal, jac):
         if not self.approx:
             return super().gradients(graph, traces, signal, jac)
@@ -104,7 +119,7 @@ class OTPE(AbstractUnitAlgorithm):
             trace = traces[u.name]
             z, S = trace[-2], trace[-1]
             norm = (1 - lam ** (t + 1)) / (1 - lam)
-            sig = signal[u.group.name][u.nmap]
+            sig = u.gather(signal[u.group.name])
             grad = jnp.einsum("bwf,bfc->bwc", sum_states(sig * S), z)
             out[u.name] = grad / norm.astype(S.dtype)
         return out

@@ -1,0 +1,212 @@
+"""Static structure the runtime exploits for speed: the coupling pattern of each
+group's diagonal Jacobian, the neuron map's fast paths and the batch sum."""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import etrace
+import etrace.nn as enn
+import etrace.testing as et
+
+
+SEEN: list = []
+
+
+class Record(etrace.AbstractWrappedAlgorithm):
+    """D-RTRL that keeps every `jac.D` it is given (run eagerly)."""
+
+    inner: etrace.AbstractAlgorithm
+
+    def update(self, graph, traces, jac):
+        SEEN.append(dict(jac.D))
+        return self.inner.update(graph, traces, jac)
+
+
+class SpikingLayer(eqx.Module):
+    """Input and own previous spikes through one linear map into LIF neurons."""
+
+    synapses: eqx.nn.Linear
+    lif: enn.LIF
+    readout: eqx.nn.Linear
+
+    def __init__(self, key, refractory=0, reset="soft"):
+        k1, k2 = jr.split(key)
+        self.synapses = eqx.nn.Linear(3 + 4, 4, key=k1)
+        self.lif = enn.LIF(
+            4, tau=3.0, threshold=0.3, refractory=refractory, reset=reset
+        )
+        self.readout = eqx.nn.Linear(4, 2, key=k2)
+
+    def __call__(self, x, state):
+        current = self.synapses(jnp.concatenate([x, self.lif.spikes(state)]))
+        z, state = self.lif(current, state)
+        return self.readout(z), state
+
+
+class LSTM(eqx.Module):
+    cell: eqx.nn.LSTMCell
+    hc: eqx.nn.StateIndex
+
+    def __init__(self, key):
+        self.cell = eqx.nn.LSTMCell(3, 4, key=key)
+        self.hc = eqx.nn.StateIndex((jnp.zeros(4), jnp.zeros(4)))
+
+    def __call__(self, x, state):
+        h, c = self.cell(x, state.get(self.hc))
+        return h, state.set(self.hc, (h, c))
+
+
+class Gated(eqx.Module):
+    """`h` reads the previous `c` only through `stop_gradient`."""
+
+    w: jax.Array
+    u: jax.Array
+
+    def __init__(self, key):
+        k1, k2 = jr.split(key)
+        self.w = jr.normal(k1, (4, 3))
+        self.u = jr.normal(k2, (4, 3))
+
+    def __call__(self, x, state):
+        h, c = state
+        h = 0.9 * h + jax.lax.stop_gradient(c) * (self.w @ x)
+        c = 0.5 * c + jnp.tanh(self.u @ x)
+        return h, (h, c)
+
+
+def _build(name, key):
+    if name == "lstm":
+        model, state = eqx.nn.make_with_state(LSTM)(key)
+    elif name == "gated":
+        model, state = Gated(key), (jnp.full(4, 0.5), jnp.full(4, 1.5))
+    else:
+        refractory = 2 if name == "refractory" else 0
+        reset = "hard" if name == "hard" else "soft"
+        model, state = eqx.nn.make_with_state(SpikingLayer)(key, refractory, reset)
+    return model, state
+
+
+# Per model: the group of interest and its pattern by leaf name, row = new state,
+# column = previous state.
+EXPECTED = {
+    # The spike's previous value reaches neither state (only the input weight).
+    "lif": {"z": {"z": False, "v": True}, "v": {"z": False, "v": True}},
+    "hard": {"z": {"z": False, "v": True}, "v": {"z": False, "v": True}},
+    # The counter reaches the membrane and the spike only through a comparison.
+    "refractory": {
+        "z": {"z": False, "v": True, "counter": False},
+        "v": {"z": False, "v": True, "counter": False},
+        "counter": {"z": False, "v": False, "counter": True},
+    },
+    # Gates read `h` through weights: inside the update only `c` recurs.
+    "lstm": {"h": {"h": False, "c": True}, "c": {"h": False, "c": True}},
+    "gated": {"h": {"h": True, "c": False}, "c": {"h": False, "c": True}},
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_coupling_is_the_structure_of_D(name, key):
+    model, state = _build(name, key)
+    learner, _ = etrace.compile(
+        model, jnp.zeros(3), state=state, algorithm=Record(etrace.D_RTRL())
+    )
+    (group,) = [g for g in learner.graph.groups if g.k > 1]
+    labels = {
+        "lstm": ["h", "c"],
+        "gated": ["h", "c"],
+    }.get(name) or [n.rsplit(".", 1)[-1] for n in group.leaf_names]
+    want = EXPECTED[name]
+    expected = tuple(tuple(want[r][c] for c in labels) for r in labels)
+    assert group.coupling == expected
+
+    # Every structural zero is a zero of `D`, at states that do spike and adapt;
+    # and the entries claimed possible are not all zero (the pattern is not
+    # vacuous).
+    SEEN.clear()
+    trace_state = learner.init()
+    xs = 2.0 * jr.normal(jr.key(1), (12, 3))
+    for x in xs:
+        _, trace_state = learner.step(model, trace_state, x)
+    Ds = np.stack([np.asarray(d[group.name]) for d in SEEN])
+    pattern = np.asarray(expected)
+    assert np.all(Ds[:, :, ~pattern] == 0)
+    assert np.any(Ds[:, :, pattern] != 0)
+
+
+def test_coupling_of_single_state_groups(key):
+    model, state = eqx.nn.make_with_state(SpikingLayer)(key)
+    learner, _ = etrace.compile(model, jnp.zeros(3), state=state)
+    assert all(g.coupling is not None for g in learner.graph.groups)
+    model, state = et.build("gru", 3, 4, 2, 0)
+    learner, _ = etrace.compile(model, jnp.zeros(3), state=state)
+    assert [g.coupling for g in learner.graph.groups] == [((True,),)]
+
+
+class Gates(eqx.Module):
+    """A GRU (outputs `3H`, neuron `m mod H`), an elementwise bias (neuron `m`)
+    and a convolution (channels by positions)."""
+
+    gru: eqx.nn.GRUCell
+    conv: eqx.nn.Conv1d
+
+    def __init__(self, key):
+        k1, k2 = jr.split(key)
+        self.gru = eqx.nn.GRUCell(3, 4, key=k1)
+        self.conv = eqx.nn.Conv1d(1, 2, 3, padding=1, key=k2)
+
+    def __call__(self, x, state):
+        h, v = state
+        h = self.gru(x, h)
+        v = 0.8 * v + jnp.tanh(self.conv(x[None]))
+        return h, (h, v)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_gather_equals_indexing(axis, key):
+    model = Gates(key)
+    learner, _ = etrace.compile(
+        model, jnp.zeros(3), state=(jnp.zeros(4), jnp.zeros((2, 3)))
+    )
+    maps = set()
+    for unit in learner.graph.units:
+        n = unit.group.n
+        shape = (5, n, 2, 2) if axis else (n, 2, 2)
+        a = jr.normal(jr.key(2), shape)
+        want = a[:, unit.nmap] if axis else a[unit.nmap]
+        np.testing.assert_array_equal(unit.gather(a, axis=axis), want)
+        flat = unit.nmap.reshape(-1)
+        maps.add("identity" if np.array_equal(flat, np.arange(flat.size)) else "other")
+    assert maps == {"identity", "other"}
+
+
+def test_gather_of_irregular_tiled_and_repeated_maps(key):
+    model, state = et.build("gru", 3, 4, 2, 0)
+    learner, _ = etrace.compile(model, jnp.zeros(3), state=state)
+    unit = learner.graph.units[0]
+    a = jnp.arange(6.0).reshape(3, 2)
+    maps = {
+        "irregular": np.array([[[2], [0], [2], [1]]], np.int32),
+        "tiled": np.tile(np.arange(3), 2).reshape(1, 6, 1),
+        "repeated": np.repeat(np.arange(3), 2).reshape(1, 6, 1),
+    }
+    out = {}
+    for name, nmap in maps.items():
+        u = dataclasses.replace(unit, nmap=nmap)
+        out[name] = u.gather(a)
+        np.testing.assert_array_equal(out[name], a[nmap])
+    assert not np.array_equal(out["tiled"], out["repeated"])
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 8, 13, 64])
+def test_batch_sum(n, key):
+    a = jr.normal(key, (n, 3, 2))
+    np.testing.assert_allclose(
+        etrace.batch_sum(a), a.sum(axis=0), rtol=1e-12, atol=1e-14
+    )
+    assert etrace.batch_sum(a).shape == (3, 2)
