@@ -78,8 +78,11 @@ class Config:
         return (self.family.name, self.hidden, self.family.batch, self.length)
 
 
-def add_size_options(parser: argparse.ArgumentParser) -> None:
-    """The options shared by the training benchmarks of every library."""
+def add_size_options(
+    parser: argparse.ArgumentParser, extra: Sequence[str] = ()
+) -> None:
+    """The options shared by the training benchmarks of every library; `extra`:
+    algorithm names only this library measures (run by default too)."""
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -92,9 +95,8 @@ def add_size_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gru-lengths", type=int, nargs="+", help="GRU lengths T")
     parser.add_argument("--lif-hidden", type=int, nargs="+", help="LIF layer sizes")
     parser.add_argument("--lif-lengths", type=int, nargs="+", help="LIF lengths T")
-    parser.add_argument(
-        "--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS)
-    )
+    names = list(ALGORITHMS) + list(extra)
+    parser.add_argument("--algorithms", nargs="+", choices=names, default=names)
     parser.add_argument(
         "--repeats",
         type=int,

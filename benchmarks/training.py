@@ -3,9 +3,10 @@
 One training step runs the model over a batch of sequences of `T` steps, takes the
 gradient of the summed per-step loss and applies an optax Adam update. The gradient
 comes from `etrace.online_grad` (D-RTRL, ES-D-RTRL: each step's gradient taken
-inside the scan and accumulated) or from `etrace.bptt_grad` (back-propagation
-through time), on the same model in the same run, in float32. Two model families
-(sizes in `benchmarks/configs.py`):
+inside the scan and accumulated; `D-RTRL/bf16` is D-RTRL with its traces stored
+in bfloat16 through `etrace.ReducedPrecision`) or from `etrace.bptt_grad`
+(back-propagation through time), on the same model in the same run, in float32.
+Two model families (sizes in `benchmarks/configs.py`):
 
 * GRU: `eqx.nn.GRUCell` with an `eqx.nn.Linear` readout, H = 64, 128, 256,
   batch 64, T = 70, 270.
@@ -64,6 +65,7 @@ import etrace.nn as enn
 
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "training.json"
+BF16 = "D-RTRL/bf16"
 
 
 class GRUNet(eqx.Module):
@@ -135,7 +137,12 @@ def mse(y: Float[Array, " n"], target: Float[Array, " n"]) -> Float[Array, ""]:
 
 
 def algorithms() -> dict[str, etrace.AbstractAlgorithm]:
-    return {"D-RTRL": etrace.D_RTRL(), "ES-D-RTRL": etrace.ES_D_RTRL(decay=ES_DECAY)}
+    return {
+        "D-RTRL": etrace.D_RTRL(),
+        "ES-D-RTRL": etrace.ES_D_RTRL(decay=ES_DECAY),
+        # D-RTRL with its traces stored in bfloat16 (etrace only).
+        BF16: etrace.ReducedPrecision(etrace.D_RTRL(), jnp.bfloat16),
+    }
 
 
 def trace_bytes(learner: etrace.Learner) -> int:
@@ -251,7 +258,7 @@ def metadata(benchmark: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_size_options(parser)
+    add_size_options(parser, extra=(BF16,))
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="JSON path")
     args = parser.parse_args(argv)
     count = repeats(args)

@@ -172,6 +172,29 @@ def bind(eqn: Eqn, *args: Any) -> list[Any]:
     return list(out) if eqn.prim.multiple_results else [out]
 
 
+def bind_weight_first(eqn: Eqn, *args: Any) -> list[Any]:
+    """`bind` for a product `W . x` whose first operand is a weight (the same on
+    every example): evaluated as `x . W` and transposed back. Under `vmap` over
+    `x` the batch axis then leads the product's output, where `W . x` would put it
+    last and every element-wise reader would transpose it."""
+    if eqn.name != "dot_general":
+        return bind(eqn, *args)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if lb or rb:
+        return bind(eqn, *args)
+    w, x = args
+    params = dict(eqn.params)
+    params["dimension_numbers"] = ((rc, lc), ((), ()))
+    precision = params.get("precision")
+    if isinstance(precision, tuple):
+        params["precision"] = precision[::-1]
+    out = bind(Eqn(eqn.prim, eqn.ins[::-1], eqn.outs, params, eqn.source), x, w)[0]
+    x_free = jax.numpy.ndim(x) - len(rc)
+    w_free = jax.numpy.ndim(w) - len(lc)
+    perm = tuple(range(x_free, x_free + w_free)) + tuple(range(x_free))
+    return [out if x_free == 0 else jax.numpy.transpose(out, perm)]
+
+
 def evaluate(
     program: Program,
     eqn_ids: Sequence[int],

@@ -208,8 +208,12 @@ def _group_hook(
         ]
 
     def read_out(traces, jac, cot, anchor_cot):
+        previous, traces = traces
         signal = learning_signal(cot, anchor_cot)
-        return to_weights(algorithm.gradients(sub, traces, signal, jac))
+        grads = algorithm.gradients_from_previous(sub, previous, signal, jac)
+        if grads is None:
+            grads = algorithm.gradients(sub, traces, signal, jac)
+        return to_weights(grads)
 
     if not _SUMMED.get():
         return gradient_hook(read_out, anchored)
@@ -230,8 +234,13 @@ def _group_hook(
         traces, jac, cot, anchor_cot = batched(
             (traces, jac, cot, anchor_cot), tuple(in_batched)
         )
+        previous, traces = traces
         signal = jax.vmap(learning_signal)(cot, anchor_cot)
-        grads = algorithm.summed_gradients(sub, traces, signal, jac)
+        grads = algorithm.gradients_from_previous(
+            sub, previous, signal, jac, summed=True
+        )
+        if grads is None:
+            grads = algorithm.summed_gradients(sub, traces, signal, jac)
         out = to_weights(grads)
         return out, [False] * len(out)
 
@@ -311,7 +320,11 @@ def run_step(
                 cache[v] = sg(main[v]) if stop else main[v]
             else:
                 assert site.eqn is not None
-                (cache[v],) = _ir.bind(eqns[site.eqn], *cut_operands(site.eqn, stop))
+                operands = cut_operands(site.eqn, stop)
+                if site.w_pos == 0:
+                    (cache[v],) = _ir.bind_weight_first(eqns[site.eqn], *operands)
+                else:
+                    (cache[v],) = _ir.bind(eqns[site.eqn], *operands)
         return cache[v]
 
     def read_tail(v: _ir.Operand) -> Any:
@@ -400,7 +413,10 @@ def run_step(
         anchored = feedback is not None and bool(sub.outputs.get(group.name))
         dtypes = [jnp.result_type(w) for w in weights]
         hook = _group_hook(algorithm, sub, group, dtypes, anchored)
-        out = hook(new_vals, weights, updated, jtu.tree_map(sg, jac))
+        # Both the traces before and after the update: the read-out may use either
+        # (`AbstractAlgorithm.gradients_from_previous`).
+        pair = (jtu.tree_map(sg, mine), updated)
+        out = hook(new_vals, weights, pair, jtu.tree_map(sg, jac))
         if anchored:
             out, anchor = out
             anchors.append(anchor)

@@ -14,6 +14,8 @@ import etrace
 import etrace.nn as enn
 import etrace.testing as et
 
+from .helpers import leaf_errors, mse
+
 
 SEEN: list = []
 
@@ -210,3 +212,89 @@ def test_batch_sum(n, key):
         etrace.batch_sum(a), a.sum(axis=0), rtol=1e-12, atol=1e-14
     )
     assert etrace.batch_sum(a).shape == (3, 2)
+
+
+TAKEN: list = []
+
+
+class Spy(etrace.AbstractWrappedAlgorithm):
+    """Records whether the read-out from the previous traces was used."""
+
+    inner: etrace.AbstractAlgorithm
+
+    def gradients_from_previous(self, graph, traces, signal, jac, *, summed=False):
+        out = super().gradients_from_previous(graph, traces, signal, jac, summed=summed)
+        TAKEN.append((graph.groups[0].name, summed, out is not None))
+        return out
+
+
+class Updated(etrace.AbstractWrappedAlgorithm):
+    """The same algorithm, read out from the updated traces (a wrapper that
+    overrides `gradients` opts out of the read-out from the previous ones)."""
+
+    inner: etrace.AbstractAlgorithm
+
+    def gradients(self, graph, traces, signal, jac):
+        return self.inner.gradients(graph, traces, signal, jac)
+
+
+class MaskedSpiking(eqx.Module):
+    """Feed-forward LIF layer with a constant mask on its input weight."""
+
+    w: jax.Array
+    lif: enn.LIF
+    readout: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jr.split(key)
+        self.w = jr.normal(k1, (4, 3))
+        self.lif = enn.LIF(4, tau=3.0, threshold=0.3)
+        self.readout = eqx.nn.Linear(4, 2, key=k2)
+
+    def __call__(self, x, state):
+        mask = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], bool)
+        z, state = self.lif(jnp.where(mask, self.w, 0.0) @ x, state)
+        return self.readout(z), state
+
+
+def _rate(model, state, xs):
+    """The firing rate of the LIF neurons over `xs` (batched on axis 1 or not)."""
+
+    def body(s, x):
+        _, s = model(x, s)
+        return s, model.lif.spikes(s)
+
+    flat = xs if xs.ndim == 2 else xs.reshape(-1, xs.shape[-1])
+    _, z = jax.lax.scan(body, state, flat)
+    return float(jnp.mean(z))
+
+
+@pytest.mark.parametrize("name", ["recurrent", "masked"])
+@pytest.mark.parametrize("batch", [None, 3])
+def test_read_out_from_previous_traces(name, batch, key):
+    build = SpikingLayer if name == "recurrent" else MaskedSpiking
+    model, state = eqx.nn.make_with_state(build)(key)
+    xs = 2.0 * jr.normal(jr.key(3), (10, 3) if batch is None else (10, batch, 3))
+    ys = jr.normal(jr.key(4), xs.shape[:-1] + (2,))
+
+    def run(algorithm):
+        learner, _ = etrace.compile(
+            model, jnp.zeros(3), state=state, algorithm=algorithm
+        )
+        ts = learner.init(batch_size=batch)
+        grads, ts, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+        return grads, ts
+
+    TAKEN.clear()
+    previous, ts = run(Spy(etrace.D_RTRL()))
+    taken = {(g, s) for g, s, used in TAKEN if used}
+    # The spiking group's gradients came from the previous traces (summed over the
+    # batch when there is one); the readout's group has no transient state.
+    assert ("lif.z+lif.v", batch is not None) in taken
+    assert all("lif" in g for g, _ in taken)
+    assert 0 < _rate(model, state, xs) < 1
+    updated, _ = run(Updated(etrace.D_RTRL()))
+    assert max(leaf_errors(previous, updated).values()) <= 1e-12
+    # Not vacuous: the traced weight's gradient is non-zero.
+    weight = previous.synapses.weight if name == "recurrent" else previous.w
+    assert np.abs(np.asarray(weight)).max() > 1e-3

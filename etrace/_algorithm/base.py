@@ -116,6 +116,38 @@ class AbstractAlgorithm(eqx.Module):
         )
         return {name: batch_sum(g) for name, g in per_example.items()}
 
+    def gradients_from_previous(
+        self,
+        graph: Graph,
+        traces: dict[str, PyTree[Array]],
+        signal: dict[str, Array],
+        jac: Any,
+        *,
+        summed: bool = False,
+    ) -> dict[str, Array] | None:
+        """Optionally, this step's `gradients` from the traces *before* `update`.
+
+        Where the read-out is linear in traces that recur linearly (D-RTRL:
+        $c \cdot \epsilon^t = \sum_j (c^\top D)_j\,\epsilon^{t-1}_j +
+        (c^\top D_f) \otimes x$), the gradient needs the previous traces only.
+        The driver then reads them before the update overwrites them, so the
+        update can run in place, and a state whose previous value nothing reads
+        (a spike) costs no read at all. The default, `None`, means: use
+        `gradients` (or `summed_gradients`) on the updated traces.
+
+        **Arguments:**
+
+        As for `gradients`, with `traces` at step `t - 1`; with `summed`, every
+        argument has a leading batch axis and the result is summed over it (as
+        `summed_gradients`).
+
+        **Returns:**
+
+        What `gradients` (or `summed_gradients`) returns, or `None`.
+        """
+        del graph, traces, signal, jac, summed
+        return None
+
 
 def overrides(algorithm: Any, cls: type, *names: str) -> bool:
     """Whether `type(algorithm)` replaces any of `cls`'s methods `names` (then a
@@ -124,24 +156,29 @@ def overrides(algorithm: Any, cls: type, *names: str) -> bool:
 
 
 def batch_sum(a: Array) -> Array:
-    """`a.sum(axis=0)` as a tree of element-wise additions of halves of the batch.
+    """`a.sum(axis=0)`, written as additions of the batch's even and odd halves.
 
     XLA fuses the additions, with the products that produce `a`, into one pass.
     A reduction over the batch of such products is what XLA on CPU otherwise
     hands to a library kernel that runs several times slower than the trace
     update that produced `a` (measured with `benchmarks/training.py`).
+
+    The halving stops at the number of devices, with an ordinary sum of what is
+    left: a batch split over them (`etrace.shard_batch`) is then summed on each
+    device first, and only the per-device sums cross devices.
     """
     if a.shape[0] == 0:
         return jnp.zeros(a.shape[1:], a.dtype)
+    devices = jax.device_count()
     rest = []
-    while a.shape[0] > 1:
+    while a.shape[0] > devices:
         n = a.shape[0]
         if n % 2:
             rest.append(a[-1])
             a = a[: n - 1]
             n -= 1
-        a = a[: n // 2] + a[n // 2 :]
-    total = a[0]
+        a = a[0::2] + a[1::2]
+    total = jnp.sum(a, axis=0) if a.shape[0] > 1 else a[0]
     for r in rest:
         total = total + r
     return total
@@ -161,6 +198,14 @@ def outer_product_sum(a: Array, b: Array) -> Array:
     """`sum_n sum_f a[n, b, w, f] b[n, b, f, c]`: the batch sum of per-example
     outer products as one matrix product (an outer product per example followed by
     a sum over the batch is several times slower)."""
+    n, nb, w, f = a.shape
+    c = b.shape[-1]
+    if nb == 1:
+        # One product contracting the leading axes as they lie (`(n f, w)` by
+        # `(n f, c)`): XLA reads transposed operands natively, where a batch
+        # dimension would make it transpose them first.
+        lhs = a.reshape(n, w, f).transpose(0, 2, 1).reshape(n * f, w)
+        return jnp.einsum("kw,kc->wc", lhs, b.reshape(n * f, c))[None]
     return jnp.einsum("nbwf,nbfc->bwc", a, b)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import equinox as eqx
@@ -11,7 +12,13 @@ from jaxtyping import Array, Float
 
 from .._errors import EtraceError
 from .._graph import Unit
-from .base import AbstractUnitAlgorithm, batch_sum, overrides
+from .base import (
+    AbstractUnitAlgorithm,
+    batch_sum,
+    outer_product_sum,
+    overrides,
+    sum_states,
+)
 
 
 def diagonal_init(unit: Unit) -> tuple[Float[Array, "b w f c"], ...]:
@@ -34,7 +41,11 @@ def _recur(trace, D, drive, group=None):
             if group is not None and not group.couples(k, j):
                 continue
             d = D[..., k, j]
-            new = new + jnp.reshape(d, d.shape + (1,) * (eps.ndim - d.ndim)) * eps
+            if eps.ndim > d.ndim:
+                # A slice keeps a unit axis in place of `C` (a reshape that adds
+                # it can get an odd layout from XLA, and a slower update).
+                d = D[..., k, j : j + 1]
+            new = new + d * eps
         out.append(new)
     return tuple(out)
 
@@ -43,7 +54,7 @@ def diagonal_update(trace, D, Df, x, group=None):
     """`eps = D eps + Df (x) x` in canonical layout: `trace` is one `(B, Fw, Fx, C)`
     array per state, `D` is `(B, Fw, Fx, K, K)`, `Df` is `(B, Fw, Fx, K)` and `x` is
     `(B, Fx, C)`. With the `group`, structural zeros of `D` are skipped."""
-    return _recur(trace, D, lambda k: Df[..., k, None] * x[:, None], group)
+    return _recur(trace, D, lambda k: Df[..., k : k + 1] * x[:, None], group)
 
 
 def diagonal_readout(trace, signal):
@@ -132,6 +143,81 @@ def summed_sparse_readout(unit: Unit, trace, signal):
     return _scatter(unit, jnp.sum(batch_sum(total), axis=1))
 
 
+def previous_factors(D, signal, Df, group=None):
+    """For the read-out from the previous traces: per state `j`,
+    `s_j = sum_k c_k D[k, j]` (`None` where `group.coupling` makes it zero), and
+    `sum_k c_k Df_k`, all shaped like `Df[..., 0]`."""
+    k = signal.shape[-1]
+    s = []
+    for j in range(k):
+        terms = [
+            signal[..., i] * D[..., i, j]
+            for i in range(k)
+            if group is None or group.couples(i, j)
+        ]
+        s.append(sum(terms[1:], terms[0]) if terms else None)
+    return s, sum_states(signal * Df)
+
+
+def previous_readout(previous, s, cdf, x, summed=False):
+    """`diagonal_readout` of the traces after the update, from the traces before
+    it: `sum_j s_j eps_j^{t-1} + (sum_k c_k Df_k) (x) x`. Summed over a leading
+    batch axis with `summed`."""
+    terms = [sj[..., None] * eps for sj, eps in zip(s, previous) if sj is not None]
+    if summed:
+        grad = outer_product_sum(cdf, x)
+        if terms:
+            grad = grad + jnp.sum(batch_sum(sum(terms[1:], terms[0])), axis=2)
+        return grad
+    grad = jnp.einsum("bwf,bfc->bwc", cdf, x)
+    if terms:
+        grad = grad + jnp.sum(sum(terms[1:], terms[0]), axis=2)
+    return grad
+
+
+def sparse_previous_readout(unit: Unit, previous, s, cdf, x, summed=False):
+    """`previous_readout` for traces kept at a masked weight's non-zeros."""
+    site = unit.site
+    b, w, c = nonzeros(unit)
+    lead = cdf.shape[:-3]
+    index = (slice(None),) * len(lead) + (b * site.fw + w,)
+
+    def rows(a):  # (..., B, Fw, Fx) -> (..., nnz, Fx)
+        flat = a.reshape(lead + (site.b * site.fw, site.fx))
+        return flat.at[index].get(indices_are_sorted=True, mode="promise_in_bounds")
+
+    xt = jnp.swapaxes(x, -1, -2).reshape(lead + (site.b * site.c, site.fx))
+    xt = xt.at[(slice(None),) * len(lead) + (b * site.c + c,)].get(
+        indices_are_sorted=True, mode="promise_in_bounds"
+    )
+    total = rows(cdf) * xt
+    for sj, eps in zip(s, previous):
+        if sj is not None:
+            total = total + rows(sj) * eps
+    if summed:
+        total = batch_sum(total)
+    return _scatter(unit, jnp.sum(total, axis=-1))
+
+
+def _transient(group) -> bool:
+    """Whether `group` has a state whose previous value no state's update reads
+    (an all-zero column of `D`)."""
+    return group.coupling is not None and any(
+        not any(row[j] for row in group.coupling) for j in range(group.k)
+    )
+
+
+# The methods whose shipped versions `gradients_from_previous` reproduces.
+_DIAGONAL_METHODS = (
+    "update",
+    "update_unit",
+    "gradients",
+    "gradient_unit",
+    "summed_gradients",
+    "summed_gradient_unit",
+)
+
+
 class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
     """An algorithm whose per-unit trace is D-RTRL's (`D_RTRL`, the OSTL variants,
     `OSTTP`): they differ in the Jacobian the trace recurs with or in the learning
@@ -146,6 +232,11 @@ class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
         if self.stores_sparse(unit):
             return sparse_init(unit)
         return diagonal_init(unit)
+
+    def update(self, graph, traces, jac):
+        if getattr(self, "full_diagonal", False):
+            jac = dataclasses.replace(jac, D=jac.H)
+        return super().update(graph, traces, jac)
 
     def update_unit(self, unit, trace, D, Df, x):
         # `D` is the group's diagonal Jacobian, whose structural zeros the group
@@ -168,6 +259,34 @@ class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
         if self.stores_sparse(unit):
             return summed_sparse_readout(unit, trace, signal)
         return summed_diagonal_readout(trace, signal)
+
+    def gradients_from_previous(self, graph, traces, signal, jac, *, summed=False):
+        # Unchanged shipped methods only: a subclass that changes the recurrence
+        # or the read-out is read out from its own traces after its own update.
+        if overrides(self, AbstractDiagonalAlgorithm, *_DIAGONAL_METHODS):
+            return None
+        full = getattr(self, "full_diagonal", False)
+        # Only worth it for a group with a state whose previous value nothing
+        # reads (a spike): its trace is then never read. Otherwise the read-out
+        # of the updated traces is cheaper, because XLA can update them in place
+        # only when nothing reads the previous traces afterwards.
+        if full or not any(_transient(g) for g in graph.groups):
+            return None
+        jacobian = jac.H if full else jac.D
+        axis = 1 if summed else 0
+        out = {}
+        for u in graph.units:
+            D = u.gather(jacobian[u.group.name], axis=axis)
+            c = u.gather(signal[u.group.name], axis=axis)
+            group = None if full else u.group
+            s, cdf = previous_factors(D, c, jac.Df[u.name], group)
+            x = jac.x[u.name]
+            if self.stores_sparse(u):
+                grad = sparse_previous_readout(u, traces[u.name], s, cdf, x, summed)
+            else:
+                grad = previous_readout(traces[u.name], s, cdf, x, summed)
+            out[u.name] = grad
+        return out
 
 
 class D_RTRL(AbstractDiagonalAlgorithm):

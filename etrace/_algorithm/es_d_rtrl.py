@@ -92,12 +92,19 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
         # einsum contracting `K` compiles to one tiny matrix product per output on
         # CPU.
         g = unit.group
-        decayed = []
+        new = []
         for i in range(g.k):
-            terms = [D[..., i, j] * ef[..., j] for j in range(g.k) if g.couples(i, j)]
-            decayed.append(sum(terms[1:], terms[0]) if terms else 0 * ef[..., i])
-        ef = a * jnp.stack(decayed, axis=-1) + (1 - a) * Df
-        return ex, ef
+            # Slices that keep the state axis: a reshape or stack that adds it back
+            # gets an odd layout from XLA, and the update then copies element by
+            # element instead of running in place.
+            terms = [
+                D[..., i, j : j + 1] * ef[..., j : j + 1]
+                for j in range(g.k)
+                if g.couples(i, j)
+            ]
+            decayed = sum(terms[1:], terms[0]) if terms else 0 * ef[..., i : i + 1]
+            new.append(a * decayed + (1 - a) * Df[..., i : i + 1])
+        return ex, new[0] if g.k == 1 else jnp.concatenate(new, axis=-1)
 
     def gradient_unit(self, unit, trace, signal, Df, x):
         del unit, Df, x

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import ClassVar
 
 from .d_rtrl import AbstractDiagonalAlgorithm
@@ -42,6 +41,3 @@ class OSTLRecurrent(AbstractDiagonalAlgorithm):
     """
 
     full_diagonal: ClassVar[bool] = True
-
-    def update(self, graph, traces, jac):
-        return super().update(graph, traces, dataclasses.replace(jac, D=jac.H))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 from .._errors import EtraceError
@@ -53,8 +52,3 @@ class OSTTP(AbstractDiagonalAlgorithm):
     @property
     def full_diagonal(self) -> bool:
         return self.recurrent
-
-    def update(self, graph, traces, jac):
-        if self.recurrent:
-            jac = dataclasses.replace(jac, D=jac.H)
-        return super().update(graph, traces, jac)

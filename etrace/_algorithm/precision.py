@@ -99,3 +99,9 @@ class ReducedPrecision(AbstractWrappedAlgorithm):
     def summed_gradients(self, graph: Graph, traces: Any, signal: Any, jac: Any):
         wide = self._widen(graph, traces)
         return self.inner.summed_gradients(graph, wide, signal, jac)
+
+    def gradients_from_previous(self, graph, traces, signal, jac, *, summed=False):
+        wide = self._widen(graph, traces)
+        return self.inner.gradients_from_previous(
+            graph, wide, signal, jac, summed=summed
+        )

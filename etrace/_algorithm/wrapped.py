@@ -70,3 +70,22 @@ class AbstractWrappedAlgorithm(AbstractAlgorithm):
         if overrides(self, AbstractWrappedAlgorithm, "gradients"):
             return super().summed_gradients(graph, traces, signal, jac)
         return self.inner.summed_gradients(graph, traces, signal, jac)
+
+    def gradients_from_previous(
+        self,
+        graph: Graph,
+        traces: dict[str, PyTree[Array]],
+        signal: dict[str, Array],
+        jac: Any,
+        *,
+        summed: bool = False,
+    ) -> dict[str, Array] | None:
+        # A wrapper that changes the update or the read-out is read out from its
+        # own updated traces.
+        if overrides(
+            self, AbstractWrappedAlgorithm, "update", "gradients", "summed_gradients"
+        ):
+            return None
+        return self.inner.gradients_from_previous(
+            graph, traces, signal, jac, summed=summed
+        )
