@@ -67,6 +67,10 @@ import etrace
 
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "roofline.json"
+# At least this many iterations per call, in a loop: a single call of a large
+# update whose outputs XLA cannot write over its donated inputs pays for fresh
+# output buffers (page faults of tens of MB) that a training loop never sees.
+MIN_INNER = 4
 
 # What `update` received while `learner.step` was traced: one entry per hidden
 # group, (graph restricted to the group, shapes of its traces, shapes of `jac`).
@@ -101,20 +105,44 @@ def _fill(shapes: Any, batch: int, key) -> Any:
     return jtu.tree_unflatten(treedef, out)
 
 
+def _varied(operands: Any, i: Any) -> Any:
+    """`operands` scaled by a factor that depends on the iteration `i`, so that
+    XLA cannot hoist what is computed from them alone out of the loop (a trace
+    update's `Df (x) x` would then be one array computed once, not each step's)."""
+    scale = 1 + 1e-6 * i.astype(jnp.float32)
+    return jtu.tree_map(
+        lambda a: a * scale.astype(a.dtype)
+        if jnp.issubdtype(a.dtype, jnp.floating)
+        else a,
+        operands,
+    )
+
+
 def per_iteration(
-    body: Callable, init: Any, operands: Any, inner: int, count: int
+    body: Callable,
+    init: Any,
+    operands: Any,
+    inner: int,
+    count: int,
+    vary: bool = False,
 ) -> float:
     """Median seconds of one application of `body(carry, operands) -> carry`.
 
     A call of the compiled function applies `body` once, or `inner` times in a
     loop; the carry is donated and fed back from call to call, so that its buffers
     are reused as in a training loop rather than allocated at every call. The
-    operands are arguments of the compiled function, not constants in it."""
+    operands are arguments of the compiled function, not constants in it; with
+    `vary`, they change (slightly) from iteration to iteration, as a step's
+    Jacobians do."""
 
     def loop(carry, operands):
         if inner == 1:
             return body(carry, operands)
-        return jax.lax.fori_loop(0, inner, lambda _, c: body(c, operands), carry)
+
+        def one(i, c):
+            return body(c, _varied(operands, i) if vary else operands)
+
+        return jax.lax.fori_loop(0, inner, one, carry)
 
     compiled = jax.jit(loop, donate_argnums=0).lower(init, operands).compile()
     carry = [jtu.tree_map(jnp.copy, init)]
@@ -131,7 +159,7 @@ def per_iteration(
 def choose_inner(body: Callable, init: Any, operands: Any) -> int:
     """Iterations per call that make a call last about a millisecond."""
     single = per_iteration(body, init, operands, 1, 3)
-    return 1 if single >= 1e-3 else min(100, math.ceil(1e-3 / single))
+    return max(MIN_INNER, min(100, math.ceil(1e-3 / single)))
 
 
 def measure(
@@ -162,7 +190,7 @@ def measure(
 
     if inner is None:
         inner = choose_inner(update_all, traces, jacs)
-    update_s = per_iteration(update_all, traces, jacs, inner, count)
+    update_s = per_iteration(update_all, traces, jacs, inner, count, vary=True)
 
     size = sum(math.prod(a.shape) for a in jtu.tree_leaves(traces))
     kx, ky = jr.split(jr.fold_in(key, 1))
