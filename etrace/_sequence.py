@@ -87,7 +87,7 @@ def online_grad(
     of each step, shape `(T,)`.
     """
     length = _length(xs, targets, mask)
-    mask = jnp.ones(length) if mask is None else jnp.asarray(mask)
+    mask = jnp.ones(length, jnp.float32) if mask is None else jnp.asarray(mask)
     batched = jnp.ndim(trace_state.t) == 1
     size = 1
     if batched:
@@ -121,11 +121,14 @@ def online_grad(
             # The learning signal is linear in the target it projects: weight it
             # like this step's loss (mask, batch mean).
             signal_target = jtu.tree_map(
-                lambda a: jnp.asarray(a) * (weight * share), target
+                lambda a: jnp.asarray(a) * (weight.astype(jnp.result_type(a)) * share),
+                target,
             )
         y, ts = step(model, ts, x, signal_target)
         loss = loss_of_step(y, target)
-        return loss * weight, (ts, loss)
+        # The weight in the loss's dtype: a float64 mask (the default dtype under
+        # `jax_enable_x64`) would make a float32 model's loss and cotangents float64.
+        return loss * weight.astype(jnp.result_type(loss)), (ts, loss)
 
     grad_fn = eqx.filter_value_and_grad(step_loss, has_aux=True)
 
@@ -175,7 +178,7 @@ def bptt_grad(
     `(grads, losses)`: model-shaped gradients and each step's unweighted loss.
     """
     length = _length(xs, targets, mask)
-    mask = jnp.ones(length) if mask is None else jnp.asarray(mask)
+    mask = jnp.ones(length, jnp.float32) if mask is None else jnp.asarray(mask)
     leaves, treedef = jtu.tree_flatten(state)
 
     def total(model):
@@ -187,7 +190,7 @@ def bptt_grad(
             else:
                 y, s = model(x, s)
                 loss = loss_fn(y, target)
-            return s, (loss * weight, loss)
+            return s, (loss * weight.astype(jnp.result_type(loss)), loss)
 
         s0 = jtu.tree_unflatten(treedef, leaves)
         _, (weighted, losses) = jax.lax.scan(body, s0, (xs, targets, mask))

@@ -98,3 +98,60 @@ def test_bfloat16_halves_the_trace_memory_of_a_float32_model():
 def test_bad_arguments(args, match):
     with pytest.raises(etrace.EtraceError, match=match):
         etrace.ReducedPrecision(*args)
+
+
+def _float64_values(closed) -> list[str]:
+    """The primitives of `closed` (and of the jaxprs inside it) with a float64
+    result."""
+    found = []
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if any(getattr(v.aval, "dtype", None) == jnp.float64 for v in e.outvars):
+                found.append(e.primitive.name)
+            for p in e.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    walk(closed.jaxpr)
+    return found
+
+
+ALL = {
+    "d_rtrl": etrace.D_RTRL(),
+    "es_d_rtrl": etrace.ES_D_RTRL(decay=0.6, bias_correction=True),
+    "rtrl": etrace.RTRL(),
+    "snap2": etrace.SnAp(2),
+    "uoro": etrace.UORO(seed=3),
+    "eprop": etrace.EProp(feedback="random", kappa=0.5),
+    "ostl_recurrent": etrace.OSTLRecurrent(),
+    "ottt": etrace.OTTT(decay=0.7),
+    "otpe": etrace.OTPE(0.7),
+    "f_otpe": etrace.OTPE(0.7, approx=True),
+    "osttp": etrace.OSTTP(recurrent=True),
+    "bf16": etrace.ReducedPrecision(etrace.D_RTRL()),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("name", list(ALL))
+def test_float32_models_compute_in_float32(name, dtype):
+    # The test session runs with `jax_enable_x64`, where Python floats and default
+    # arrays are float64: a float32 model must not be promoted anywhere.
+    model, state = et.build("alif", 2, 4, 2, 0)
+    model, state = jax.tree.map(
+        lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, (model, state)
+    )
+    xs, ys = jax.tree.map(lambda a: a.astype(dtype), data(1, 4, 2, 2, batch=2))
+    learner, _ = etrace.compile(model, xs[0, 0], state=state, algorithm=ALL[name])
+    closed = jax.make_jaxpr(
+        lambda ts, xs, ys: etrace.online_grad(learner, mse, model, ts, xs, ys)
+    )(learner.init(batch_size=2), xs, ys)
+    found = _float64_values(closed)
+    if dtype == jnp.float32:
+        assert not found, found
+    else:  # the check sees float64 where there is some
+        assert found

@@ -116,17 +116,19 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
             return None
         return outer_product_sum(sum_states(signal * trace[1]), trace[0])
 
-    def _correction(self, t: Any) -> Any:
+    def _correction(self, t: Any, dtype: Any) -> Any:
         # The output trace is an exponential average started from zero: its weights
         # sum to 1 - a^(t+1), not 1. (The input trace is a discounted sum, not an
-        # average, and needs no correction.)
+        # average, and needs no correction.) Computed in the traces' dtype.
         if not self.bias_correction or self.decay == 0.0:
             return None
-        return 1.0 / (1.0 - self.decay ** (jnp.asarray(t) + 1))
+        a = jnp.asarray(self.decay, dtype)
+        return 1 / (1 - a ** (jnp.asarray(t) + 1).astype(dtype))
 
     def gradients(self, graph, traces, signal, jac):
         grads = super().gradients(graph, traces, signal, jac)
-        scale = self._correction(jac.t)
+        dtype = jnp.result_type(*signal.values())
+        scale = self._correction(jac.t, dtype)
         if scale is None:
             return grads
         return {k: g * scale.astype(g.dtype) for k, g in grads.items()}
@@ -134,7 +136,7 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
     def summed_gradients(self, graph, traces, signal, jac):
         if overrides(self, ES_D_RTRL, "gradients"):
             return AbstractAlgorithm.summed_gradients(self, graph, traces, signal, jac)
-        scale = self._correction(jac.t)  # one per example
+        scale = self._correction(jac.t, jnp.result_type(*signal.values()))
         if scale is not None:
             signal = {
                 g: s * scale.astype(s.dtype).reshape((-1,) + (1,) * (s.ndim - 1))

@@ -118,7 +118,10 @@ class OTPE(AbstractUnitAlgorithm):
         for u in graph.units:
             trace = traces[u.name]
             z, S = trace[-2], trace[-1]
-            norm = (1 - lam ** (t + 1)) / (1 - lam)
+            # In the traces' dtype (a Python float to an integer power is float64
+            # under `jax_enable_x64`).
+            steps = (t + 1).astype(S.dtype)
+            norm = (1 - jnp.asarray(lam, S.dtype) ** steps) / (1 - lam)
             sig = u.gather(signal[u.group.name])
             grad = jnp.einsum("bwf,bfc->bwc", sum_states(sig * S), z)
             out[u.name] = grad / norm.astype(S.dtype)

@@ -57,7 +57,10 @@ class UORO(AbstractAlgorithm):
         del graph
         key, sub = jr.split(jr.wrap_key_data(traces["key"]))
         s = traces["s"]
-        nu = jr.rademacher(sub, s.shape, dtype=s.dtype)
+        # Random signs from random bits: `jr.rademacher` draws uniforms in the
+        # default float dtype, float64 under `jax_enable_x64`.
+        bits = jr.bits(sub, s.shape, jnp.uint32) & 1
+        nu = 2 * bits.astype(s.dtype) - 1
         js = jac.J @ s
         nu_i = {p: jnp.tensordot(nu, jac.Jtheta[p], axes=1) for p in traces["theta"]}
         rho0 = jnp.sqrt(
