@@ -111,9 +111,9 @@ def _varied(operands: Any, i: Any) -> Any:
     update's `Df (x) x` would then be one array computed once, not each step's)."""
     scale = 1 + 1e-6 * i.astype(jnp.float32)
     return jtu.tree_map(
-        lambda a: a * scale.astype(a.dtype)
-        if jnp.issubdtype(a.dtype, jnp.floating)
-        else a,
+        lambda a: (
+            a * scale.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+        ),
         operands,
     )
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.extend.core as jcore
+import jax.numpy as jnp
 import numpy as np
 from jax._src import source_info_util
 
@@ -189,10 +190,10 @@ def bind_weight_first(eqn: Eqn, *args: Any) -> list[Any]:
     if isinstance(precision, tuple):
         params["precision"] = precision[::-1]
     out = bind(Eqn(eqn.prim, eqn.ins[::-1], eqn.outs, params, eqn.source), x, w)[0]
-    x_free = jax.numpy.ndim(x) - len(rc)
-    w_free = jax.numpy.ndim(w) - len(lc)
+    x_free = jnp.ndim(x) - len(rc)
+    w_free = jnp.ndim(w) - len(lc)
     perm = tuple(range(x_free, x_free + w_free)) + tuple(range(x_free))
-    return [out if x_free == 0 else jax.numpy.transpose(out, perm)]
+    return [out if x_free == 0 else jnp.transpose(out, perm)]
 
 
 def evaluate(

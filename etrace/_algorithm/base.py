@@ -125,15 +125,14 @@ class AbstractAlgorithm(eqx.Module):
         *,
         summed: bool = False,
     ) -> dict[str, Array] | None:
-        """Optionally, this step's `gradients` from the traces *before* `update`.
+        r"""Optionally, this step's `gradients` from the traces *before* `update`.
 
         Where the read-out is linear in traces that recur linearly (D-RTRL:
         $c \cdot \epsilon^t = \sum_j (c^\top D)_j\,\epsilon^{t-1}_j +
-        (c^\top D_f) \otimes x$), the gradient needs the previous traces only.
-        The driver then reads them before the update overwrites them, so the
-        update can run in place, and a state whose previous value nothing reads
-        (a spike) costs no read at all. The default, `None`, means: use
-        `gradients` (or `summed_gradients`) on the updated traces.
+        (c^\top D_f) \otimes x$), the gradient needs the previous traces only,
+        and the trace of a state that no state's update reads (a spike) is then
+        not read at all. The driver calls this first; the default, `None`, means:
+        use `gradients` (or `summed_gradients`) on the updated traces.
 
         **Arguments:**
 

@@ -32,8 +32,8 @@ def _recur(trace, D, drive, group=None):
     contraction over `K` inside an einsum, with `K` the minor axis, compiles to
     many tiny matrix products instead.) Terms that `group.coupling` says are
     structurally zero are left out: XLA cannot drop `0 * eps` itself (it is not
-    zero for an infinite `eps`), and without them a state whose previous value
-    nothing reads (a spike) lets the other traces update in place."""
+    zero for an infinite `eps`), and the previous trace of a state that no
+    state's update reads (a spike) is then not read at all."""
     out = []
     for k in range(len(trace)):
         new = drive(k)
@@ -87,9 +87,10 @@ def sparse_init(unit: Unit) -> tuple[Float[Array, "nnz f"], ...]:
     return tuple(jnp.zeros((nnz, unit.site.fx), unit.site.dtype) for _ in range(unit.k))
 
 
-def _rows(a, index):
-    """`a[index]` on the flattened leading axis, for static sorted indices."""
-    return a.at[index].get(indices_are_sorted=True, mode="promise_in_bounds")
+def _rows(a, index, axis=0):
+    """`a[index]` along `axis` (the flattened rows), for static sorted indices."""
+    where = (slice(None),) * axis + (index,)
+    return a.at[where].get(indices_are_sorted=True, mode="promise_in_bounds")
 
 
 def sparse_update(unit: Unit, trace, D, Df, x, group=None):
@@ -122,8 +123,7 @@ def _sparse_signal(unit: Unit, signal):
     b, w, _ = nonzeros(unit)
     lead = signal.shape[:-4]
     flat = signal.reshape(lead + (s.b * s.fw,) + signal.shape[-2:])
-    index = (slice(None),) * len(lead) + (b * s.fw + w,)
-    return flat.at[index].get(indices_are_sorted=True, mode="promise_in_bounds")
+    return _rows(flat, b * s.fw + w, len(lead))
 
 
 def sparse_readout(unit: Unit, trace, signal):
@@ -180,17 +180,13 @@ def sparse_previous_readout(unit: Unit, previous, s, cdf, x, summed=False):
     site = unit.site
     b, w, c = nonzeros(unit)
     lead = cdf.shape[:-3]
-    index = (slice(None),) * len(lead) + (b * site.fw + w,)
 
     def rows(a):  # (..., B, Fw, Fx) -> (..., nnz, Fx)
         flat = a.reshape(lead + (site.b * site.fw, site.fx))
-        return flat.at[index].get(indices_are_sorted=True, mode="promise_in_bounds")
+        return _rows(flat, b * site.fw + w, len(lead))
 
     xt = jnp.swapaxes(x, -1, -2).reshape(lead + (site.b * site.c, site.fx))
-    xt = xt.at[(slice(None),) * len(lead) + (b * site.c + c,)].get(
-        indices_are_sorted=True, mode="promise_in_bounds"
-    )
-    total = rows(cdf) * xt
+    total = rows(cdf) * _rows(xt, b * site.c + c, len(lead))
     for sj, eps in zip(s, previous):
         if sj is not None:
             total = total + rows(sj) * eps
