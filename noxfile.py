@@ -67,7 +67,7 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def results(session: nox.Session) -> None:
     """Runs the copy-task, spiking-digits and evidence-accumulation examples with
-    their defaults and writes `docs/results.md` (about 5 minutes on 2 CPUs)."""
+    their defaults and writes `docs/results.md` (about a minute on 2 CPUs)."""
     session.install("-e", ".[examples]")
     session.run("python", "benchmarks/results.py", *session.posargs)
 
