@@ -29,6 +29,22 @@ from etrace.testing._families import (  # noqa: F401
 )
 
 
+# One configured instance of every shipped algorithm, for tests that hold for all.
+ALGORITHMS = {
+    "d_rtrl": etrace.D_RTRL(),
+    "es_d_rtrl": etrace.ES_D_RTRL(decay=0.6, bias_correction=True),
+    "rtrl": etrace.RTRL(),
+    "snap2": etrace.SnAp(2),
+    "uoro": etrace.UORO(seed=3),
+    "eprop": etrace.EProp(feedback="random", kappa=0.5),
+    "ostl_recurrent": etrace.OSTLRecurrent(),
+    "ottt": etrace.OTTT(decay=0.7),
+    "otpe": etrace.OTPE(0.7),
+    "f_otpe": etrace.OTPE(0.7, approx=True),
+    "osttp": etrace.OSTTP(recurrent=True),
+}
+
+
 def mse(y, target):
     return 0.5 * jnp.sum((y - target) ** 2)
 

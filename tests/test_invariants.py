@@ -9,22 +9,7 @@ import pytest
 import etrace
 import etrace.testing as et
 
-from .helpers import data, leaf_errors, mse
-
-
-ALGORITHMS = {
-    "d_rtrl": etrace.D_RTRL(),
-    "es_d_rtrl": etrace.ES_D_RTRL(decay=0.6, bias_correction=True),
-    "rtrl": etrace.RTRL(),
-    "snap2": etrace.SnAp(2),
-    "uoro": etrace.UORO(seed=3),
-    "eprop": etrace.EProp(feedback="random", kappa=0.5),
-    "ostl_recurrent": etrace.OSTLRecurrent(),
-    "ottt": etrace.OTTT(decay=0.7),
-    "otpe": etrace.OTPE(0.7),
-    "f_otpe": etrace.OTPE(0.7, approx=True),
-    "osttp": etrace.OSTTP(recurrent=True),
-}
+from .helpers import ALGORITHMS, data, leaf_errors, mse
 
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))

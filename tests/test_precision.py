@@ -9,7 +9,7 @@ import pytest
 import etrace
 import etrace.testing as et
 
-from .helpers import data, leaf_errors, mse
+from .helpers import ALGORITHMS, data, leaf_errors, mse
 
 
 INNER = {
@@ -120,20 +120,7 @@ def _float64_values(closed) -> list[str]:
     return found
 
 
-ALL = {
-    "d_rtrl": etrace.D_RTRL(),
-    "es_d_rtrl": etrace.ES_D_RTRL(decay=0.6, bias_correction=True),
-    "rtrl": etrace.RTRL(),
-    "snap2": etrace.SnAp(2),
-    "uoro": etrace.UORO(seed=3),
-    "eprop": etrace.EProp(feedback="random", kappa=0.5),
-    "ostl_recurrent": etrace.OSTLRecurrent(),
-    "ottt": etrace.OTTT(decay=0.7),
-    "otpe": etrace.OTPE(0.7),
-    "f_otpe": etrace.OTPE(0.7, approx=True),
-    "osttp": etrace.OSTTP(recurrent=True),
-    "bf16": etrace.ReducedPrecision(etrace.D_RTRL()),
-}
+ALL = {**ALGORITHMS, "bf16": etrace.ReducedPrecision(etrace.D_RTRL())}
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
