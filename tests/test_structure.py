@@ -298,3 +298,14 @@ def test_read_out_from_previous_traces(name, batch, key):
     # Not vacuous: the traced weight's gradient is non-zero.
     weight = previous.synapses.weight if name == "recurrent" else previous.w
     assert np.abs(np.asarray(weight)).max() > 1e-3
+    # And right: one feed-forward LIF layer is D-RTRL's exact regime, where the
+    # read-out from the previous traces must equal BPTT (zero or stale traces
+    # would not); the recurrent weight must differ.
+    s0 = (
+        state
+        if batch is None
+        else jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), state)
+    )
+    bptt, _ = etrace.bptt_grad(mse, model, s0, xs, ys, batched=batch is not None)
+    error = max(leaf_errors(previous, bptt).values())
+    assert error <= 1e-9 if name == "masked" else error > 1e-3

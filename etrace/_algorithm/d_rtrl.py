@@ -64,11 +64,16 @@ def diagonal_readout(trace, signal):
     )
 
 
+def _weighted(weights, arrays):
+    """`sum_k weights[k] * arrays[k]` as additions, leaving out the `None`
+    weights (structural zeros); `None` when every weight is."""
+    terms = [w * a for w, a in zip(weights, arrays) if w is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
 def summed_diagonal_readout(trace, signal):
     """`diagonal_readout` summed over a batch (a leading axis on every argument)."""
-    total = signal[..., 0, None] * trace[0]
-    for k in range(1, len(trace)):
-        total = total + signal[..., k, None] * trace[k]
+    total = _weighted([signal[..., k, None] for k in range(len(trace))], trace)
     return jnp.sum(batch_sum(total), axis=2)
 
 
@@ -137,9 +142,7 @@ def summed_sparse_readout(unit: Unit, trace, signal):
     """`sparse_readout` summed over a batch (a leading axis on every argument):
     summed at the non-zeros, then scattered once."""
     signal = _sparse_signal(unit, signal)
-    total = signal[..., 0] * trace[0]
-    for k in range(1, len(trace)):
-        total = total + signal[..., k] * trace[k]
+    total = _weighted([signal[..., k] for k in range(len(trace))], trace)
     return _scatter(unit, jnp.sum(batch_sum(total), axis=1))
 
 
@@ -163,15 +166,15 @@ def previous_readout(previous, s, cdf, x, summed=False):
     """`diagonal_readout` of the traces after the update, from the traces before
     it: `sum_j s_j eps_j^{t-1} + (sum_k c_k Df_k) (x) x`. Summed over a leading
     batch axis with `summed`."""
-    terms = [sj[..., None] * eps for sj, eps in zip(s, previous) if sj is not None]
+    total = _weighted([None if sj is None else sj[..., None] for sj in s], previous)
     if summed:
         grad = outer_product_sum(cdf, x)
-        if terms:
-            grad = grad + jnp.sum(batch_sum(sum(terms[1:], terms[0])), axis=2)
+        if total is not None:
+            grad = grad + jnp.sum(batch_sum(total), axis=2)
         return grad
     grad = jnp.einsum("bwf,bfc->bwc", cdf, x)
-    if terms:
-        grad = grad + jnp.sum(sum(terms[1:], terms[0]), axis=2)
+    if total is not None:
+        grad = grad + jnp.sum(total, axis=2)
     return grad
 
 
@@ -187,9 +190,9 @@ def sparse_previous_readout(unit: Unit, previous, s, cdf, x, summed=False):
 
     xt = jnp.swapaxes(x, -1, -2).reshape(lead + (site.b * site.c, site.fx))
     total = rows(cdf) * _rows(xt, b * site.c + c, len(lead))
-    for sj, eps in zip(s, previous):
-        if sj is not None:
-            total = total + rows(sj) * eps
+    recurrent = _weighted([None if sj is None else rows(sj) for sj in s], previous)
+    if recurrent is not None:
+        total = total + recurrent
     if summed:
         total = batch_sum(total)
     return _scatter(unit, jnp.sum(total, axis=-1))
