@@ -738,6 +738,7 @@ def analyse(model: Any, sample_input: Any, state: Any) -> Compiled:
     groups, units = _with_coupling(
         program, groups, units, group_tail, active_sinks, state_vars
     )
+    units = _with_same_df(program, groups, units, group_tail)
     graph = dataclasses.replace(graph, groups=tuple(groups), units=tuple(units))
     anc_all = frozenset().union(*anc) if anc else frozenset()
     param_only_vars = frozenset(v for v in pmask if v not in dyn)
@@ -921,6 +922,66 @@ def _with_coupling(program, groups, units, group_tail, active_sinks, state_vars)
     ]
     by_old = {id(g): n for g, n in zip(groups, new)}
     return new, [dataclasses.replace(u, group=by_old[id(u.group)]) for u in units]
+
+
+def _sum_root(program, eqns, v: int) -> int:
+    """The variable whose cotangent `v` has in the update `eqns`: `v` itself, or,
+    while `v` is read exactly once and by an `add` of its own shape and dtype (so
+    that the add passes its cotangent through unchanged), that add's result."""
+    while True:
+        reads = [
+            (program.eqns[i], pos)
+            for i in eqns
+            for pos, a in enumerate(program.eqns[i].ins)
+            if a == v
+        ]
+        if len(reads) != 1 or reads[0][0].name not in ("add", "add_any"):
+            return v
+        (out,) = reads[0][0].outs
+        if program.avals[out].shape != program.avals[v].shape or (
+            program.avals[out].dtype != program.avals[v].dtype
+        ):
+            return v
+        v = out
+
+
+def _with_same_df(program, groups, units, group_tail):
+    """The units with `Unit.same_df` set: within a group, units whose site outputs
+    reach the same sum (see `_sum_root`) and are laid out alike share their `Df`."""
+    roots = []
+    first: dict[tuple[int, int], Unit] = {}
+    for u in units:
+        g = groups.index(u.group)
+        key = (g, _sum_root(program, group_tail[g], u.site.out))
+        roots.append(key)
+        # A matrix site keeps the shared trace where there is one (its input
+        # trace is the larger), else the first unit.
+        if key not in first or (
+            first[key].site.kind != "matrix" and u.site.kind == "matrix"
+        ):
+            first[key] = u
+    out = []
+    for u, key in zip(units, roots):
+        twin = first[key]
+        s, t = u.site, twin.site
+        alike = (
+            twin is not u
+            and key[1] != s.out
+            and s.dtype == t.dtype
+            and program.avals[s.out].shape == program.avals[t.out].shape
+            and np.array_equal(u.nmap, twin.nmap)
+            and np.array_equal(
+                _canonical_order(program, s), _canonical_order(program, t)
+            )
+        )
+        out.append(dataclasses.replace(u, same_df=twin.name) if alike else u)
+    return out
+
+
+def _canonical_order(program, site: Site) -> np.ndarray:
+    """Which element of the site's output each canonical output is."""
+    shape = program.avals[site.out].shape
+    return site.canonical_y_np(np.arange(int(np.prod(shape, dtype=int))).reshape(shape))
 
 
 def _group_dependencies(program, groups, state_vars, sink_group, units):

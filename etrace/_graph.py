@@ -141,6 +141,11 @@ class Site:
         return jnp.transpose(g, tuple(np.argsort(self.w_perm)))
 
 
+# Up to this many repetitions of the neurons (a GRU's three gates, an LSTM's four),
+# `Unit.gather` concatenates copies instead of broadcasting.
+_CONCATENATED = 8
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Unit:
     """One site feeding one hidden group: the thing an algorithm keeps traces for.
@@ -153,12 +158,20 @@ class Unit:
     - `nmap`: integer array of shape `(B, Fw, Fx)`: the neuron of the group that each
         canonical output feeds (outputs that feed another group map to 0 and have a
         zero `Df`).
+    - `same_df`: the name of another unit of the same group whose `Df` equals
+        this unit's for every input, or `None`. It is set where the two sites'
+        outputs have the same shape and layout and are added before anything else
+        in the group's update reads them, as a bias added to a product
+        (`W @ x + b`): the update then cannot tell them apart. Algorithms whose
+        traces depend on a unit only through `Df` and `D` may keep one trace for
+        both (see `ES_D_RTRL`).
     """
 
     name: str
     site: Site
     group: Group
     nmap: np.ndarray
+    same_df: str | None = None
 
     @property
     def k(self) -> int:
@@ -182,8 +195,14 @@ class Unit:
         lead, rest = a.shape[:axis], a.shape[axis + 1 :]
         span = np.arange(n)
         if m % n == 0 and np.array_equal(flat, np.tile(span, m // n)):
-            out = jnp.expand_dims(a, axis)
-            out = jnp.broadcast_to(out, lead + (m // n, n) + rest)
+            if m // n <= _CONCATENATED:
+                # Copies side by side: XLA on CPU runs an element-wise loop that
+                # reads a concatenation about twice as fast as one that reads a
+                # broadcast (whose index it divides back out per element).
+                out = jnp.concatenate([a] * (m // n), axis=axis)
+            else:
+                out = jnp.expand_dims(a, axis)
+                out = jnp.broadcast_to(out, lead + (m // n, n) + rest)
         elif m % n == 0 and np.array_equal(flat, np.repeat(span, m // n)):
             out = jnp.expand_dims(a, axis + 1)
             out = jnp.broadcast_to(out, lead + (n, m // n) + rest)

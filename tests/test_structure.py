@@ -309,3 +309,145 @@ def test_read_out_from_previous_traces(name, batch, key):
     bptt, _ = etrace.bptt_grad(mse, model, s0, xs, ys, batched=batch is not None)
     error = max(leaf_errors(previous, bptt).values())
     assert error <= 1e-9 if name == "masked" else error > 1e-3
+
+
+class Summed(eqx.Module):
+    """`tanh(W x + U h + b)`: three sites summed before the update reads them."""
+
+    w: jax.Array
+    u: jax.Array
+    b: jax.Array
+
+    def __init__(self, key):
+        k1, k2, k3 = jr.split(key, 3)
+        self.w = jr.normal(k1, (4, 3))
+        self.u = 0.5 * jr.normal(k2, (4, 4))
+        self.b = jr.normal(k3, (4,))
+
+    def __call__(self, x, h):
+        h = jnp.tanh(self.w @ x + self.u @ h + self.b)
+        return h, h
+
+
+class Reused(eqx.Module):
+    """The bias is read twice, and the input product is scaled before the sum."""
+
+    w: jax.Array
+    b: jax.Array
+
+    def __init__(self, key):
+        k1, k2 = jr.split(key)
+        self.w = jr.normal(k1, (4, 3))
+        self.b = jr.normal(k2, (4,))
+
+    def __call__(self, x, h):
+        h = jnp.tanh(2.0 * (self.w @ x) + self.b) + 0.5 * self.b * h
+        return h, h
+
+
+def _same_df(learner):
+    return {u.site.name: u.same_df for u in learner.graph.units}
+
+
+def test_same_df_of_summed_sites(key):
+    model, state = eqx.nn.make_with_state(SpikingLayer)(key)
+    learner, _ = etrace.compile(model, jnp.zeros(3), state=state)
+    weight = "synapses.weight @ x -> lif.z+lif.v"
+    assert _same_df(learner) == {"synapses.bias": weight, "synapses.weight @ x": None}
+    model, state = et.build("gru", 3, 4, 2, 0)
+    learner, _ = etrace.compile(model, jnp.zeros(3), state=state)
+    got = _same_df(learner)
+    # `bias` is added to `weight_ih @ x`; `bias_n` to a third of `weight_hh @ h`.
+    assert got == {
+        "cell.bias": "cell.weight_ih @ x -> h",
+        "cell.bias_n": None,
+        "cell.weight_ih @ x": None,
+        "cell.weight_hh @ x": None,
+    }
+    learner, _ = etrace.compile(Summed(key), jnp.zeros(3), state=jnp.zeros(4))
+    # `w` keeps the trace (the first matrix site); `u` and `b` read it.
+    assert _same_df(learner) == {
+        "b": "w @ x -> state",
+        "u @ x": "w @ x -> state",
+        "w @ x": None,
+    }
+    learner, _ = etrace.compile(Reused(key), jnp.zeros(3), state=jnp.zeros(4))
+    assert set(_same_df(learner).values()) == {None}
+
+
+RECORDED: list = []
+
+
+class RecordDf(etrace.AbstractWrappedAlgorithm):
+    inner: etrace.AbstractAlgorithm
+
+    def update(self, graph, traces, jac):
+        RECORDED.append(dict(jac.Df))
+        return self.inner.update(graph, traces, jac)
+
+
+class Unshared(etrace.ES_D_RTRL):
+    """ES-D-RTRL with a full trace for every unit (a subclass that replaces a unit
+    method opts out of sharing)."""
+
+    def update_unit(self, unit, trace, D, Df, x):
+        return super().update_unit(unit, trace, D, Df, x)
+
+
+@pytest.mark.parametrize("name", ["gru", "lif", "summed"])
+@pytest.mark.parametrize("batch", [None, 3])
+def test_shared_output_traces(name, batch, key):
+    if name == "gru":
+        model, state = et.build("gru", 3, 4, 2, 0)
+    elif name == "lif":
+        model, state = eqx.nn.make_with_state(SpikingLayer)(key)
+    else:
+        model, state = Summed(key), jnp.zeros(4)
+    xs = 2.0 * jr.normal(jr.key(5), (10, 3) if batch is None else (10, batch, 3))
+    ys = jr.normal(jr.key(6), xs.shape[:-1] + (4 if name == "summed" else 2,))
+
+    def run(algorithm):
+        learner, _ = etrace.compile(
+            model, jnp.zeros(3), state=state, algorithm=algorithm
+        )
+        ts = learner.init(batch_size=batch)
+        grads, ts, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+        return learner, grads, ts
+
+    learner, shared, ts = run(etrace.ES_D_RTRL(decay=0.8))
+    _, full, full_ts = run(Unshared(decay=0.8))
+    twins = {u.name: u.same_df for u in learner.graph.units if u.same_df}
+    assert twins
+    for twin, source in twins.items():
+        # The shared unit keeps its input trace only; the full run's output trace
+        # of that unit is the source's, step after step.
+        assert ts.traces[twin][1] is None
+        np.testing.assert_array_equal(ts.traces[twin][0], full_ts.traces[twin][0])
+        np.testing.assert_array_equal(
+            full_ts.traces[twin][1], full_ts.traces[source][1]
+        )
+    assert max(leaf_errors(shared, full).values()) <= 1e-12
+    if name == "lif":
+        assert 0 < _rate(model, state, xs) < 1
+    # Not vacuous: every shared unit's parameter has a gradient.
+    bias = {"gru": lambda g: g.cell.bias, "lif": lambda g: g.synapses.bias}.get(
+        name, lambda g: g.b
+    )
+    assert np.abs(np.asarray(bias(shared))).max() > 1e-3
+
+    # The claim behind it: the two units' `Df` are equal at every step, and a
+    # unit that is not shared (the GRU's `weight_hh`, whose new-gate output is
+    # scaled by the reset gate) has a different one.
+    RECORDED.clear()
+    learner, _ = etrace.compile(
+        model, jnp.zeros(3), state=state, algorithm=RecordDf(etrace.ES_D_RTRL(0.8))
+    )
+    trace_state = learner.init()
+    for x in xs if batch is None else xs[:, 0]:
+        _, trace_state = learner.step(model, trace_state, x)
+    for Df in RECORDED:
+        for twin, source in twins.items():
+            np.testing.assert_array_equal(Df[twin], Df[source])
+        if name == "gru":
+            hh = Df["cell.weight_hh @ x -> h"]
+            assert not np.array_equal(hh, Df["cell.weight_ih @ x -> h"])

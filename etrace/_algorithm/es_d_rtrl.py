@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._errors import EtraceError
-from .._graph import Unit
+from .._graph import Graph, Unit
 from .base import (
     AbstractAlgorithm,
     AbstractUnitAlgorithm,
@@ -40,6 +40,12 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
         the trace state's step counter, 0 on the first step): its weights
         $(1 - a) a^{t-s}$ then sum to one from the first step on, as in Adam's
         warm-up correction. Off by default.
+
+    The output trace depends on the unit only through `Df`, so units with the same
+    `Df` (`Unit.same_df`: a bias added to a product, as in `eqx.nn.Linear`) keep
+    one: the later unit's trace is `(input_trace, None)` and its gradient reads
+    the output trace of the unit named by `same_df`. (Subclasses that replace a
+    unit method keep a full trace for every unit.)
 
     With $a = 0$ it is exact for memoryless layers. With memory it is an
     approximation even where D-RTRL is exact (the two factors each carry history);
@@ -106,6 +112,35 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
             new.append(a * decayed + (1 - a) * Df[..., i : i + 1])
         return ex, new[0] if g.k == 1 else jnp.concatenate(new, axis=-1)
 
+    def _shared(self, graph: Graph) -> dict[str, str]:
+        """Unit name -> the unit whose output trace it reads (see the class
+        docstring); empty when a subclass replaces a method the sharing relies on."""
+        if overrides(self, ES_D_RTRL, *_UNIT_METHODS):
+            return {}
+        return {u.name: u.same_df for u in graph.units if u.same_df is not None}
+
+    def _full(self, graph: Graph, traces: dict[str, Any]) -> dict[str, Any]:
+        """The traces with every shared output trace filled in."""
+        shared = self._shared(graph)
+        return {
+            k: (t[0], traces[shared[k]][1]) if k in shared else t
+            for k, t in traces.items()
+        }
+
+    def init(self, graph):
+        traces = super().init(graph)
+        return {
+            k: (t[0], None) if k in self._shared(graph) else t
+            for k, t in traces.items()
+        }
+
+    def update(self, graph, traces, jac):
+        # The shared units' output traces are computed from the full traces and
+        # dropped: nothing reads them, and XLA removes the computation.
+        new = super().update(graph, self._full(graph, traces), jac)
+        shared = self._shared(graph)
+        return {k: (t[0], None) if k in shared else t for k, t in new.items()}
+
     def gradient_unit(self, unit, trace, signal, Df, x):
         del unit, Df, x
         ex, ef = trace
@@ -114,7 +149,16 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
     def summed_gradient_unit(self, unit, trace, signal, Df, x):
         if overrides(self, ES_D_RTRL, "gradient_unit"):
             return None
-        return outer_product_sum(sum_states(signal * trace[1]), trace[0])
+        ex, ef = trace
+        n = ef.shape[0]
+        # The product taken on flat rows: on the canonical layout, with its unit
+        # axes, XLA on CPU runs it several times slower.
+        flat = [
+            signal[..., k].reshape(n, -1) * ef[..., k].reshape(n, -1)
+            for k in range(ef.shape[-1])
+        ]
+        weighted = sum(flat[1:], flat[0]).reshape(ef.shape[:-1])
+        return outer_product_sum(weighted, ex)
 
     def _correction(self, t: Any, dtype: Any) -> Any:
         # The output trace is an exponential average started from zero: its weights
@@ -126,7 +170,7 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
         return 1 / (1 - a ** (jnp.asarray(t) + 1).astype(dtype))
 
     def gradients(self, graph, traces, signal, jac):
-        grads = super().gradients(graph, traces, signal, jac)
+        grads = super().gradients(graph, self._full(graph, traces), signal, jac)
         dtype = jnp.result_type(*signal.values())
         scale = self._correction(jac.t, dtype)
         if scale is None:
@@ -142,7 +186,19 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
                 g: s * scale.astype(s.dtype).reshape((-1,) + (1,) * (s.ndim - 1))
                 for g, s in signal.items()
             }
-        return self.summed_unit_gradients(graph, traces, signal, jac)
+        return self.summed_unit_gradients(graph, self._full(graph, traces), signal, jac)
+
+
+_UNIT_METHODS = (
+    "init",
+    "init_unit",
+    "update",
+    "update_unit",
+    "gradient_unit",
+    "summed_gradient_unit",
+    "gradients",
+    "summed_gradients",
+)
 
 
 pp_prop = ES_D_RTRL
