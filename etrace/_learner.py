@@ -353,8 +353,18 @@ class Learner(eqx.Module):
             elif isinstance(traces.get("theta"), dict) and path in traces["theta"]:
                 found = {path: traces["theta"][path]}  # rank-one traces
             else:
-                names = [u.name for u in self.graph.units if k in u.site.params]
-                found = {n: traces[n] for n in names if n in traces}
+                units = [u for u in self.graph.units if k in u.site.params]
+                found = {u.name: traces[u.name] for u in units if u.name in traces}
+                # A part left `None` is read from the unit named by `same_df`.
+                shared = [
+                    u.same_df.split(" -> ")[0]
+                    for u in units
+                    if u.same_df is not None
+                    and isinstance(found.get(u.name), tuple)
+                    and any(part is None for part in found[u.name])
+                ]
+                if shared:
+                    why = f"{why}; shares the output trace of {', '.join(shared)}"
             keys = list(found)
             shapes = []
             nbytes = 0

@@ -429,6 +429,9 @@ def test_shared_output_traces(name, batch, key):
     assert max(leaf_errors(shared, full).values()) <= 1e-12
     if name == "lif":
         assert 0 < _rate(model, state, xs) < 1
+        (bias_trace,) = learner.trace_of(ts, lambda m: m.synapses.bias).values()
+        assert bias_trace[1] is None
+        assert "shares the output trace of synapses.weight @ x" in learner.summary()
     # Not vacuous: every shared unit's parameter has a gradient.
     bias = {"gru": lambda g: g.cell.bias, "lif": lambda g: g.synapses.bias}.get(
         name, lambda g: g.b
