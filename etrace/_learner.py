@@ -356,8 +356,9 @@ class Learner(eqx.Module):
                 units = [u for u in self.graph.units if k in u.site.params]
                 found = {u.name: traces[u.name] for u in units if u.name in traces}
                 # A part left `None` is read from the unit named by `same_df`.
+                by_name = {u.name: u for u in self.graph.units}
                 shared = [
-                    u.same_df.split(" -> ")[0]
+                    by_name[u.same_df].site.name
                     for u in units
                     if u.same_df is not None
                     and isinstance(found.get(u.name), tuple)

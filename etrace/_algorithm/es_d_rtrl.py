@@ -43,9 +43,9 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
 
     The output trace depends on the unit only through `Df`, so units with the same
     `Df` (`Unit.same_df`: a bias added to a product, as in `eqx.nn.Linear`) keep
-    one: the later unit's trace is `(input_trace, None)` and its gradient reads
-    the output trace of the unit named by `same_df`. (Subclasses that replace a
-    unit method keep a full trace for every unit.)
+    one: the trace of a unit with `same_df` set is `(input_trace, None)`, and its
+    gradient reads the output trace of the unit `same_df` names. (Subclasses that
+    replace a unit method keep a full trace for every unit.)
 
     With $a = 0$ it is exact for memoryless layers. With memory it is an
     approximation even where D-RTRL is exact (the two factors each carry history);
