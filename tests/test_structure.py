@@ -21,12 +21,12 @@ SEEN: list = []
 
 
 class Record(etrace.AbstractWrappedAlgorithm):
-    """D-RTRL that keeps every `jac.D` it is given (run eagerly)."""
+    """An algorithm that keeps every `Jacobians` it is given (run eagerly)."""
 
     inner: etrace.AbstractAlgorithm
 
     def update(self, graph, traces, jac):
-        SEEN.append(dict(jac.D))
+        SEEN.append(jac)
         return self.inner.update(graph, traces, jac)
 
 
@@ -135,7 +135,7 @@ def test_coupling_is_the_structure_of_D(name, key):
     xs = 2.0 * jr.normal(jr.key(1), (12, 3))
     for x in xs:
         _, trace_state = learner.step(model, trace_state, x)
-    Ds = np.stack([np.asarray(d[group.name]) for d in SEEN])
+    Ds = np.stack([np.asarray(j.D[group.name]) for j in SEEN])
     pattern = np.asarray(expected)
     assert np.all(Ds[:, :, ~pattern] == 0)
     assert np.any(Ds[:, :, pattern] != 0)
@@ -375,17 +375,6 @@ def test_same_df_of_summed_sites(key):
     assert set(_same_df(learner).values()) == {None}
 
 
-RECORDED: list = []
-
-
-class RecordDf(etrace.AbstractWrappedAlgorithm):
-    inner: etrace.AbstractAlgorithm
-
-    def update(self, graph, traces, jac):
-        RECORDED.append(dict(jac.Df))
-        return self.inner.update(graph, traces, jac)
-
-
 class Unshared(etrace.ES_D_RTRL):
     """ES-D-RTRL with a full trace for every unit (a subclass that replaces a unit
     method opts out of sharing)."""
@@ -441,14 +430,15 @@ def test_shared_output_traces(name, batch, key):
     # The claim behind it: the two units' `Df` are equal at every step, and a
     # unit that is not shared (the GRU's `weight_hh`, whose new-gate output is
     # scaled by the reset gate) has a different one.
-    RECORDED.clear()
+    SEEN.clear()
     learner, _ = etrace.compile(
-        model, jnp.zeros(3), state=state, algorithm=RecordDf(etrace.ES_D_RTRL(0.8))
+        model, jnp.zeros(3), state=state, algorithm=Record(etrace.ES_D_RTRL(0.8))
     )
     trace_state = learner.init()
     for x in xs if batch is None else xs[:, 0]:
         _, trace_state = learner.step(model, trace_state, x)
-    for Df in RECORDED:
+    for jac in SEEN:
+        Df = jac.Df
         for twin, source in twins.items():
             np.testing.assert_array_equal(Df[twin], Df[source])
         if name == "gru":
