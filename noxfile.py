@@ -15,7 +15,18 @@ nox.options.default_venv_backend = "virtualenv"
 def tests(session: nox.Session) -> None:
     """The test suite without the slow sweeps."""
     session.install("-e", ".[tests]")
-    session.run("pytest", "-m", "not slow", *session.posargs)
+    # One worker per core (at most 4): the tests are independent, and most of
+    # their time is single-threaded tracing and compilation.
+    session.run(
+        "pytest",
+        "-m",
+        "not slow",
+        "-n",
+        "auto",
+        "--maxprocesses",
+        "4",
+        *session.posargs,
+    )
 
 
 @nox.session
