@@ -127,19 +127,20 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
             for k, t in traces.items()
         }
 
+    def _dropped(self, graph: Graph, traces: dict[str, Any]) -> dict[str, Any]:
+        """The traces with every shared output trace left out (`None`)."""
+        shared = self._shared(graph)
+        return {k: (t[0], None) if k in shared else t for k, t in traces.items()}
+
     def init(self, graph):
-        traces = super().init(graph)
-        return {
-            k: (t[0], None) if k in self._shared(graph) else t
-            for k, t in traces.items()
-        }
+        return self._dropped(graph, super().init(graph))
 
     def update(self, graph, traces, jac):
         # The shared units' output traces are computed from the full traces and
         # dropped: nothing reads them, and XLA removes the computation.
-        new = super().update(graph, self._full(graph, traces), jac)
-        shared = self._shared(graph)
-        return {k: (t[0], None) if k in shared else t for k, t in new.items()}
+        return self._dropped(
+            graph, super().update(graph, self._full(graph, traces), jac)
+        )
 
     def gradient_unit(self, unit, trace, signal, Df, x):
         del unit, Df, x
