@@ -53,6 +53,26 @@ def _zeros_like_grads(model: Any) -> Any:
     return jtu.tree_map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
 
 
+def _turned_sums(learner: Learner, zeros: Any) -> Any:
+    """Per gradient leaf, whether `online_grad` keeps its running sum transposed.
+
+    Where the algorithm's read-out forms each step's weight gradient as one matrix
+    product over the batch (`outer_product_gradients`), XLA on CPU writes an
+    `(m, i)` product with a short last axis up to 2.5 times slower than its
+    transpose (a GRU's 192 x 10 input weight, batch 64: 11.8 against 4.8 us). A
+    matrix whose first axis is the longer is then summed as its transpose and
+    turned back once after the scan. Other read-outs (D-RTRL's sum over its
+    `(m, i)` trace) keep the parameter's layout, which is the trace's too."""
+    outer = capability(learner.algorithm, "outer_product_gradients", False)
+    return jtu.tree_map(
+        lambda a: bool(outer and a.ndim == 2 and a.shape[0] > a.shape[1]), zeros
+    )
+
+
+def _turn(a: Any, turned: bool) -> Any:
+    return a.T if turned else a
+
+
 def online_grad(
     learner: Learner,
     loss_fn: Callable[[Any, Any], Any],
@@ -132,20 +152,23 @@ def online_grad(
 
     grad_fn = eqx.filter_value_and_grad(step_loss, has_aux=True)
 
+    zeros = _zeros_like_grads(model)
+    turned = _turned_sums(learner, zeros)
+
     def body(carry, inputs):
         ts, total = carry
         x, target, weight = inputs
         (_, (ts, loss)), grads = grad_fn(model, ts, x, target, weight)
-        total = jtu.tree_map(jnp.add, total, grads)
+        total = jtu.tree_map(lambda s, g, t: s + _turn(g, t), total, grads, turned)
         return (ts, total), loss
 
-    init = (trace_state, _zeros_like_grads(model))
+    init = (trace_state, jtu.tree_map(_turn, zeros, turned))
     # Under `grad(vmap(step))` the weights' gradient is a sum over the batch, which
     # the read-out can form itself (one matrix product for ES-D-RTRL, OTTT).
     summing = summed_batch() if batched else contextlib.nullcontext()
     with summing:
         (trace_state, grads), losses = jax.lax.scan(body, init, (xs, targets, mask))
-    return grads, trace_state, losses
+    return jtu.tree_map(_turn, grads, turned), trace_state, losses
 
 
 def bptt_grad(

@@ -44,6 +44,50 @@ def test_online_grad_equals_loop_of_step_gradients(family):
     assert not tree_allclose(scanned, truncated, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "algorithm",
+    [etrace.ES_D_RTRL(decay=0.6), etrace.OTTT(decay=0.7), etrace.D_RTRL()],
+    ids=["es_d_rtrl", "ottt", "d_rtrl"],
+)
+@pytest.mark.parametrize("batch", [None, 3])
+def test_online_grad_sums_tall_outer_product_gradients_transposed(algorithm, batch):
+    # With an outer-product read-out, `online_grad` sums the gradient of a matrix
+    # whose first axis is the longer as its transpose; the sum it hands back is
+    # the one of the step gradients in the parameter's layout.
+    from etrace._sequence import _turned_sums, _zeros_like_grads
+
+    model, state = build(GRUNet, 3, 4, 2, seed=5)
+    xs, ys = data(5, 6, 3, 2, batch=batch)
+    x0 = xs[0] if batch is None else xs[0, 0]
+    learner, _ = etrace.compile(model, x0, state=state, algorithm=algorithm)
+    turned = _turned_sums(learner, _zeros_like_grads(model))
+    outer = not isinstance(algorithm, etrace.D_RTRL)
+    # weight_ih (12, 3) and weight_hh (12, 4) are tall; the readout (2, 4) is not.
+    assert turned.cell.weight_ih is outer and turned.cell.weight_hh is outer
+    assert turned.readout.weight is False and turned.cell.bias is False
+
+    ts = learner.init(batch_size=batch)
+    step = learner.step if batch is None else jax.vmap(learner.step, (None, 0, 0))
+    total = None
+    for x, y in zip(xs, ys):
+
+        def loss(m, ts=ts, x=x, y=y):
+            out, ts = step(m, ts, x)
+            per = mse(out, y) if batch is None else jnp.mean(jax.vmap(mse)(out, y))
+            return per, ts
+
+        g, ts = eqx.filter_grad(loss, has_aux=True)(model)
+        total = g if total is None else jtu.tree_map(jnp.add, total, g)
+    scanned, _, _ = etrace.online_grad(
+        learner, mse, model, learner.init(batch_size=batch), xs, ys
+    )
+    assert jtu.tree_structure(scanned) == jtu.tree_structure(total)
+    assert tree_allclose(scanned, total)
+    # ... and the comparison has something to compare: the turned sums are not zero.
+    assert float(jnp.abs(scanned.cell.weight_ih).min()) > 0
+    assert float(jnp.abs(scanned.cell.weight_hh).max()) > 0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vmap_equals_per_example_loop(family):
     batch = 3

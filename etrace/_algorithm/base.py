@@ -26,7 +26,8 @@ class AbstractAlgorithm(eqx.Module):
     every unit (one weight site feeding one hidden group) keeps its own trace, or wrap
     an existing algorithm (see `examples/custom_algorithm.py`).
 
-    Two optional class variables change what the driver passes in:
+    Two optional class variables change what the driver passes in, and a third is
+    a hint for `etrace.online_grad`:
 
     - `routing = "joint"`: the algorithm is called once per step for the whole
         hidden state instead of once per group. `graph.params` lists every parameter
@@ -36,6 +37,11 @@ class AbstractAlgorithm(eqx.Module):
         gradients have the parameter's shape (`RTRL`, `SnAp`, `UORO`).
     - `full_diagonal = True`: `jac.H` holds each neuron's block of the full
         hidden-to-hidden Jacobian, recurrent weights included (`OSTLRecurrent`).
+    - `outer_product_gradients = True`: each step's gradient of a weight matrix is
+        one matrix product over the batch (an outer product of two factors, as in
+        `ES_D_RTRL` and `OTTT`); `online_grad` may then keep its running sum of
+        such a matrix transposed, the faster layout for that product on CPU. A
+        layout choice only: the gradients are the same either way.
     """
 
     @abc.abstractmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -41,6 +41,7 @@ class OTTT(AbstractUnitAlgorithm):
 
     trace: PresynapticTrace | None
     mode: str
+    outer_product_gradients: ClassVar[bool] = True
 
     def __init__(self, decay: Any = None, *, mode: str = "A"):
         if mode not in ("A", "O"):
