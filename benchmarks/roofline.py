@@ -19,10 +19,13 @@ the update with the computation of `D` and `Df` and fold what is constant in the
 which gets them as arrays; the difference can be smaller than the isolated update.
 FMA / (step - forward) is the roofline fraction of that in-step cost.
 
-Each timing is the median over `--repeats` calls of a compiled function, after
-a first untimed call; the traces (or the FMA's `x`) are donated to the call and
-its result is fed to the next, so buffers are reused as in a training loop
-instead of being allocated at every call. When one call of the update takes under
+Each timing is the median over `--repeats` calls (default 31, 5 with `--quick`)
+of a compiled function, after
+a first untimed call; the four functions of a row (update, FMA, step, forward)
+are called in turn, so that a drift of the machine's speed moves them together.
+The traces (or the FMA's `x`) are donated to the call and its result is fed to
+the next, so buffers are reused as in a training loop instead of being
+allocated at every call. When one call of the update takes under
 a millisecond, its dispatch would dominate, so every timing of that row instead
 runs `inner` iterations inside one jitted `lax.fori_loop` per call and is divided
 by `inner`, chosen to make a call last about a millisecond (`--inner` fixes it).
@@ -44,6 +47,7 @@ import argparse
 import json
 import math
 import pathlib
+import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,8 +62,8 @@ from configs import (
     format_table,
     median_time,
     MiB,
-    repeats,
     selected,
+    timed,
 )
 from training import algorithms, broadcast, build, data, metadata
 
@@ -118,19 +122,14 @@ def _varied(operands: Any, i: Any) -> Any:
     )
 
 
-def per_iteration(
-    body: Callable,
-    init: Any,
-    operands: Any,
-    inner: int,
-    count: int,
-    vary: bool = False,
-) -> float:
-    """Median seconds of one application of `body(carry, operands) -> carry`.
+def runner(
+    body: Callable, init: Any, operands: Any, inner: int, vary: bool = False
+) -> Callable[[], None]:
+    """A call of a compiled function that applies `body(carry, operands) -> carry`
+    once, or `inner` times in a loop, after one untimed call.
 
-    A call of the compiled function applies `body` once, or `inner` times in a
-    loop; the carry is donated and fed back from call to call, so that its buffers
-    are reused as in a training loop rather than allocated at every call. The
+    The carry is donated and fed back from call to call, so that its buffers are
+    reused as in a training loop rather than allocated at every call. The
     operands are arguments of the compiled function, not constants in it; with
     `vary`, they change (slightly) from iteration to iteration, as a step's
     Jacobians do."""
@@ -152,8 +151,26 @@ def per_iteration(
         jax.block_until_ready(carry[0])
 
     run()
-    median, _ = median_time(run, count)
+    return run
+
+
+def per_iteration(
+    body: Callable, init: Any, operands: Any, inner: int, count: int
+) -> float:
+    """Median seconds of one application of `body` (see `runner`)."""
+    median, _ = median_time(runner(body, init, operands, inner), count)
     return median / inner
+
+
+def interleaved(runs: dict[str, Callable[[], None]], count: int) -> dict[str, float]:
+    """Median seconds of a call of each of `runs`, called in turn `count` times
+    over: on a machine whose speed drifts, the ratio of two timings taken this
+    way moves much less than that of two taken one after the other."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(count):
+        for name, run in runs.items():
+            times[name].append(timed(run)[1])
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def choose_inner(body: Callable, init: Any, operands: Any) -> int:
@@ -190,14 +207,12 @@ def measure(
 
     if inner is None:
         inner = choose_inner(update_all, traces, jacs)
-    update_s = per_iteration(update_all, traces, jacs, inner, count, vary=True)
 
     size = sum(math.prod(a.shape) for a in jtu.tree_leaves(traces))
     kx, ky = jr.split(jr.fold_in(key, 1))
     y = jr.normal(ky, (size,), jnp.float32)
     x = jr.normal(kx, (size,), jnp.float32)
     a = jnp.float32(0.999)
-    fma_s = per_iteration(lambda x, ay: ay[0] * x + ay[1], x, (a, y), inner, count)
 
     # The full step without a gradient, with its real inputs and traces.
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -207,8 +222,6 @@ def measure(
         _, ts = step(eqx.combine(params, static), ts, x)
         return ts
 
-    step_s = per_iteration(full, trace_state, (params, xs[0]), inner, count)
-
     # The model's own step, no traces: what the online step adds is the rest.
     forward_model = jax.vmap(lambda m, x, s: m(x, s)[1], in_axes=(None, 0, 0))
 
@@ -216,9 +229,15 @@ def measure(
         params, x = operands
         return forward_model(eqx.combine(params, static), x, s)
 
-    forward_s = per_iteration(
-        forward, broadcast(state, batch), (params, xs[0]), inner, count
-    )
+    runs = {
+        "update": runner(update_all, traces, jacs, inner, vary=True),
+        "fma": runner(lambda x, ay: ay[0] * x + ay[1], x, (a, y), inner),
+        "step": runner(full, trace_state, (params, xs[0]), inner),
+        "forward": runner(forward, broadcast(state, batch), (params, xs[0]), inner),
+    }
+    seconds = {k: v / inner for k, v in interleaved(runs, count).items()}
+    update_s, fma_s = seconds["update"], seconds["fma"]
+    step_s, forward_s = seconds["step"], seconds["forward"]
     fma_bytes = 3 * size * 4
     return {
         "model": config.family.name,
@@ -283,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     )
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="JSON path")
     args = parser.parse_args(argv)
-    count = repeats(args)
+    # Calls of about a millisecond: many are cheap, and the medians need them.
+    count = args.repeats if args.repeats is not None else (5 if args.quick else 31)
     names = [n for n in args.algorithms if n != "BPTT"]
 
     # The sequence length does not enter a single step: one row per hidden size.
