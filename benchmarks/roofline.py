@@ -86,13 +86,25 @@ def _shapes(tree: Any) -> Any:
 
 
 class _Record(etrace.AbstractWrappedAlgorithm):
-    """Runs `inner`, and records the shapes its `update` is called with."""
+    """Runs `inner`, and records the shapes its `update` is called with.
+
+    Recording changes neither the update nor the read-out, so the traces and the
+    read-out stay `inner`'s (a wrapper that overrides `update` otherwise reads out
+    from the updated traces, and has D-RTRL keep the spike's trace for it)."""
 
     inner: etrace.AbstractAlgorithm
+
+    def init(self, graph):
+        return self.inner.init(graph)
 
     def update(self, graph, traces, jac):
         _RECORDED.append((graph, _shapes(traces), _shapes(jac)))
         return self.inner.update(graph, traces, jac)
+
+    def gradients_from_previous(self, graph, traces, signal, jac, *, summed=False):
+        return self.inner.gradients_from_previous(
+            graph, traces, signal, jac, summed=summed
+        )
 
 
 def _fill(shapes: Any, batch: int, key) -> Any:

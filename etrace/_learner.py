@@ -26,7 +26,7 @@ from ._compiler import (
 )
 from ._errors import EtraceError
 from ._graph import Graph
-from ._runtime import run_step
+from ._runtime import capability, run_step
 
 
 class TraceState(eqx.Module):
@@ -278,7 +278,9 @@ class Learner(eqx.Module):
         A dictionary from hidden group name to the trace of the unit through which
         the parameter feeds that group (a tuple if several do). The layout is the
         algorithm's; for `D_RTRL` it is a tuple of `K` arrays `(B, Fw, Fx, C)` in
-        canonical form, one per state of the group's neurons.
+        canonical form, one per state of the group's neurons (`None` for a state
+        whose previous value no update reads, such as a spike: its trace is not
+        kept).
 
         **Raises:**
 
@@ -355,17 +357,36 @@ class Learner(eqx.Module):
             else:
                 units = [u for u in self.graph.units if k in u.site.params]
                 found = {u.name: traces[u.name] for u in units if u.name in traces}
-                # A part left `None` is read from the unit named by `same_df`.
+                # ES-D-RTRL's output trace left `None` is read from the unit
+                # named by `same_df`.
                 by_name = {u.name: u for u in self.graph.units}
+                sharing = capability(self.algorithm, "_shared", None)
+                shared_with = {} if sharing is None else sharing(self.graph)
                 shared = [
-                    by_name[u.same_df].site.name
+                    by_name[shared_with[u.name]].site.name
                     for u in units
-                    if u.same_df is not None
-                    and isinstance(found.get(u.name), tuple)
-                    and any(part is None for part in found[u.name])
+                    if u.name in shared_with
                 ]
                 if shared:
                     why = f"{why}; shares the output trace of {', '.join(shared)}"
+                # D-RTRL keeps no trace for a state no update reads (a spike):
+                # `None` in its tuple of one trace per state.
+                diagonal = capability(self.algorithm, "untraced", None) is not None
+                dropped = sorted(
+                    {
+                        u.group.leaf_names[j]
+                        for u in units
+                        if diagonal
+                        and isinstance(found.get(u.name), tuple)
+                        and len(found[u.name]) == u.group.k
+                        for j, part in enumerate(found[u.name])
+                        if part is None
+                    }
+                )
+                if dropped:
+                    why = (
+                        f"{why}; no trace for {', '.join(dropped)} (read by no update)"
+                    )
             keys = list(found)
             shapes = []
             nbytes = 0

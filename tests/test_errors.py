@@ -274,3 +274,15 @@ def test_errors_survive_python_optimise_flag():
         [sys.executable, "-O", "-c", code], capture_output=True, text=True
     )
     assert out.stdout.strip() == "raised", out.stderr
+
+
+def test_traces_of_another_algorithm_missing_a_read_trace():
+    # D-RTRL keeps no trace for the spike; OSTL's full diagonal blocks read it.
+    from .test_structure import SpikingLayer
+
+    model, state = eqx.nn.make_with_state(SpikingLayer)(jax.random.key(0))
+    x0 = jnp.zeros(3)
+    _, ts = etrace.compile(model, x0, state=state)
+    ostl, _ = etrace.compile(model, x0, state=state, algorithm=etrace.OSTLRecurrent())
+    with pytest.raises(etrace.EtraceError, match=r"trace of state 0 is `None`"):
+        ostl.step(model, ts, x0)

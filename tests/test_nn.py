@@ -503,14 +503,18 @@ def test_summary_lists_neuron_parameters():
     text = learner.summary()
     assert re.search(r"neuron\.z\+neuron\.v: N=3 neurons, K=2", text)
     (row,) = [line for line in text.splitlines() if "neuron.tau" in line]
-    assert "elementwise" in row and "2 x (1, 3, 1, 1)" in row
+    # One trace per state, but none for the spike, whose previous value no
+    # update reads (D-RTRL reads its gradient from the traces before the update).
+    assert "elementwise" in row and "  (1, 3, 1, 1)  " in row
+    assert "no trace for neuron.z" in row
     assert "neuron.threshold" not in text  # a Python float: no parameter
     (trace,) = learner.trace_of(trace_state, lambda m: m.neuron.tau).values()
-    assert [eps.shape for eps in trace] == [(1, n, 1, 1)] * 2
+    assert trace[0] is None and trace[1].shape == (1, n, 1, 1)
 
     model, state = eqx.nn.make_with_state(Net)(enn.ALIF(n), 2, 2, key=jr.key(0))
     text = etrace.compile(model, jnp.zeros(2), state=state)[0].summary()
     assert "K=3" in text and "neuron.tau" not in text
+    # The adaptation reads the previous spike: every state keeps its trace.
     assert re.search(r"encoder\.weight .* matrix .* 3 x \(1, 3, 1, 2\)", text)
 
 

@@ -238,6 +238,21 @@ class Updated(etrace.AbstractWrappedAlgorithm):
         return self.inner.gradients(graph, traces, signal, jac)
 
 
+class Composed(etrace.AbstractAlgorithm):
+    """D-RTRL driven by hand, not as a wrapper: read out from the updated traces."""
+
+    inner: etrace.AbstractAlgorithm
+
+    def init(self, graph):
+        return self.inner.init(graph)
+
+    def update(self, graph, traces, jac):
+        return self.inner.update(graph, traces, jac)
+
+    def gradients(self, graph, traces, signal, jac):
+        return self.inner.gradients(graph, traces, signal, jac)
+
+
 class MaskedSpiking(eqx.Module):
     """Feed-forward LIF layer with a constant mask on its input weight."""
 
@@ -287,6 +302,14 @@ def test_read_out_from_previous_traces(name, batch, key):
 
     TAKEN.clear()
     previous, ts = run(Spy(etrace.D_RTRL()))
+    # No trace is kept for the spike (state 0), whose previous value no update
+    # reads; a wrapper that reads out from the updated traces keeps it.
+    spiking = [t for name, t in ts.traces.items() if "lif" in name]
+    assert spiking and all(t[0] is None and t[1] is not None for t in spiking)
+    _, ts_updated = run(Updated(etrace.D_RTRL()))
+    kept = [t for name, t in ts_updated.traces.items() if "lif" in name]
+    assert all(t[0] is not None for t in kept)
+    assert max(float(jnp.abs(t[0]).max()) for t in kept) > 1e-3
     taken = {(g, s) for g, s, used in TAKEN if used}
     # The spiking group's gradients came from the previous traces (summed over the
     # batch when there is one); the readout's group has no transient state.
@@ -444,3 +467,46 @@ def test_shared_output_traces(name, batch, key):
         if name == "gru":
             hh = Df["cell.weight_hh @ x -> h"]
             assert not np.array_equal(hh, Df["cell.weight_ih @ x -> h"])
+
+
+def test_spike_trace_memory_and_read_out_without_it(key):
+    model, state = eqx.nn.make_with_state(MaskedSpiking)(key)
+    x0 = jnp.zeros(3)
+    kept, _ = etrace.compile(model, x0, state=state, algorithm=Updated(etrace.D_RTRL()))
+    dropped, ts = etrace.compile(model, x0, state=state)
+    total = kept.summary().splitlines()[-1], dropped.summary().splitlines()[-1]
+    # The masked weight's 7 non-zeros in float64, for two states or for one.
+    assert total == (
+        "Trace memory per example: 112 B",
+        "Trace memory per example: 56 B",
+    )
+    assert "no trace for lif.z (read by no update)" in dropped.summary()
+    assert "no trace for" not in kept.summary()
+    # A read-out from the updated traces that does not go through
+    # `AbstractWrappedAlgorithm` meets the missing trace and says so.
+    composed, ts = etrace.compile(
+        model, x0, state=state, algorithm=Composed(etrace.D_RTRL())
+    )
+    with pytest.raises(etrace.EtraceError, match=r"needs the trace of lif\.z"):
+        eqx.filter_grad(lambda m: jnp.sum(composed.step(m, ts, x0)[0]))(model)
+
+
+def test_wrapper_around_reduced_precision_keeps_spike_trace(key):
+    # The outer wrapper reads out from the updated traces; the narrowed traces of
+    # the inner `ReducedPrecision` then hold the spike's trace too.
+    model, state = eqx.nn.make_with_state(MaskedSpiking)(key)
+    xs = 2.0 * jr.normal(jr.key(3), (10, 3))
+    ys = jr.normal(jr.key(4), (10, 2))
+    assert 0 < _rate(model, state, xs) < 1
+    grads = {}
+    for name, algorithm in [
+        ("plain", etrace.D_RTRL()),
+        ("nested", Updated(etrace.ReducedPrecision(etrace.D_RTRL(), jnp.float32))),
+    ]:
+        learner, ts = etrace.compile(model, xs[0], state=state, algorithm=algorithm)
+        spiking = [t for n, t in ts.traces.items() if "lif" in n]
+        assert all((t[0] is None) == (name == "plain") for t in spiking)
+        grads[name], _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+    errors = leaf_errors(grads["nested"], grads["plain"])
+    # float32 traces: agreement to their rounding, not exactly.
+    assert 0 < max(errors.values()) <= 1e-5

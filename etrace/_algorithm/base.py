@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import equinox as eqx
@@ -187,6 +190,27 @@ def batch_sum(a: Array) -> Array:
     for r in rest:
         total = total + r
     return total
+
+
+_FULL_TRACES = contextvars.ContextVar("etrace_full_traces", default=False)
+
+
+@contextlib.contextmanager
+def full_traces() -> Iterator[None]:
+    """While an algorithm's `init` runs in this context, it keeps every trace its
+    read-out from the updated traces needs, even those its own read-out never
+    reads (D-RTRL's trace of a transient state): a wrapper that replaces the
+    update or the read-out reads out from the updated traces."""
+    token = _FULL_TRACES.set(True)
+    try:
+        yield
+    finally:
+        _FULL_TRACES.reset(token)
+
+
+def keeps_full_traces() -> bool:
+    """Whether `init` runs under `full_traces`."""
+    return _FULL_TRACES.get()
 
 
 def sum_states(a: Array) -> Array:

@@ -15,15 +15,22 @@ from .._graph import Unit
 from .base import (
     AbstractUnitAlgorithm,
     batch_sum,
+    keeps_full_traces,
     outer_product_sum,
     overrides,
     sum_states,
 )
 
 
-def diagonal_init(unit: Unit) -> tuple[Float[Array, "b w f c"], ...]:
-    """A zero D-RTRL trace for one unit: one `(B, Fw, Fx, C)` array per state `k`."""
-    return tuple(jnp.zeros(unit.shape, unit.site.dtype) for _ in range(unit.k))
+def diagonal_init(
+    unit: Unit, untraced: tuple[int, ...] = ()
+) -> tuple[Float[Array, "b w f c"] | None, ...]:
+    """A zero D-RTRL trace for one unit: one `(B, Fw, Fx, C)` array per state `k`,
+    `None` for the states in `untraced`."""
+    return tuple(
+        None if k in untraced else jnp.zeros(unit.shape, unit.site.dtype)
+        for k in range(unit.k)
+    )
 
 
 def _recur(trace, D, drive, group=None):
@@ -36,10 +43,19 @@ def _recur(trace, D, drive, group=None):
     state's update reads (a spike) is then not read at all."""
     out = []
     for k in range(len(trace)):
+        if trace[k] is None:  # a transient state's trace, not kept
+            out.append(None)
+            continue
         new = drive(k)
         for j, eps in enumerate(trace):
             if group is not None and not group.couples(k, j):
                 continue
+            if eps is None:
+                raise EtraceError(
+                    f"The trace of state {j} is `None`, but state {k}'s update "
+                    "reads it: the traces do not belong to this algorithm's "
+                    "`init` for this group. Start from `learner.init()`."
+                )
             d = D[..., k, j]
             if eps.ndim > d.ndim:
                 # A slice keeps a unit axis in place of `C` (a reshape that adds
@@ -85,11 +101,16 @@ def nonzeros(unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return b, w, c
 
 
-def sparse_init(unit: Unit) -> tuple[Float[Array, "nnz f"], ...]:
+def sparse_init(
+    unit: Unit, untraced: tuple[int, ...] = ()
+) -> tuple[Float[Array, "nnz f"] | None, ...]:
     """A zero D-RTRL trace kept at a masked weight's non-zeros: one `(nnz, Fx)`
-    array per state."""
+    array per state, `None` for the states in `untraced`."""
     nnz = len(nonzeros(unit)[0])
-    return tuple(jnp.zeros((nnz, unit.site.fx), unit.site.dtype) for _ in range(unit.k))
+    return tuple(
+        None if k in untraced else jnp.zeros((nnz, unit.site.fx), unit.site.dtype)
+        for k in range(unit.k)
+    )
 
 
 def _rows(a, index, axis=0):
@@ -198,12 +219,30 @@ def sparse_previous_readout(unit: Unit, previous, s, cdf, x, summed=False):
     return _scatter(unit, jnp.sum(total, axis=-1))
 
 
+def transient_states(group) -> tuple[int, ...]:
+    """The states of `group` whose previous value no state's update reads (an
+    all-zero column of `D`): a spike."""
+    if group.coupling is None:
+        return ()
+    return tuple(j for j in range(group.k) if not any(row[j] for row in group.coupling))
+
+
 def _transient(group) -> bool:
-    """Whether `group` has a state whose previous value no state's update reads
-    (an all-zero column of `D`)."""
-    return group.coupling is not None and any(
-        not any(row[j] for row in group.coupling) for j in range(group.k)
-    )
+    return bool(transient_states(group))
+
+
+def _check_kept(unit: Unit, trace) -> None:
+    """The read-out from the updated traces needs every state's trace."""
+    missing = [k for k, eps in enumerate(trace) if eps is None]
+    if missing:
+        names = ", ".join(unit.group.leaf_names[k] for k in missing)
+        raise EtraceError(
+            f"The read-out of `{unit.site.name}` from the updated traces needs the "
+            f"trace of {names}, which D-RTRL does not keep (no update reads that "
+            "state's previous value, and its own read-out uses the traces before "
+            "the update). A wrapper that reads out from the updated traces should "
+            "subclass `etrace.AbstractWrappedAlgorithm`, whose `init` keeps them."
+        )
 
 
 # The methods whose shipped versions `gradients_from_previous` reproduces.
@@ -227,10 +266,32 @@ class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
         weight with structural zeros (a constant mask), unless disabled."""
         return unit.site.pattern is not None and getattr(self, "sparse", True)
 
-    def init_unit(self, unit: Unit) -> tuple[Float[Array, "*trace"], ...]:
+    def untraced(self, unit: Unit) -> tuple[int, ...]:
+        """The states of `unit`'s group whose trace is not kept: those no state's
+        update reads (a spike), when the gradient is read from the traces before
+        the update (`gradients_from_previous`), which never reads them. Empty for
+        the full diagonal blocks, for a subclass that replaces a method of the
+        recurrence or the read-out, and under a wrapper that reads out from the
+        updated traces."""
+        if (
+            getattr(self, "full_diagonal", False)
+            or keeps_full_traces()
+            or overrides(
+                self,
+                AbstractDiagonalAlgorithm,
+                "init_unit",
+                "gradients_from_previous",
+                *_DIAGONAL_METHODS,
+            )
+        ):
+            return ()
+        return transient_states(unit.group)
+
+    def init_unit(self, unit: Unit) -> tuple[Float[Array, "*trace"] | None, ...]:
+        untraced = self.untraced(unit)
         if self.stores_sparse(unit):
-            return sparse_init(unit)
-        return diagonal_init(unit)
+            return sparse_init(unit, untraced)
+        return diagonal_init(unit, untraced)
 
     def update(self, graph, traces, jac):
         if getattr(self, "full_diagonal", False):
@@ -247,6 +308,7 @@ class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
 
     def gradient_unit(self, unit, trace, signal, Df, x):
         del Df, x
+        _check_kept(unit, trace)
         if self.stores_sparse(unit):
             return sparse_readout(unit, trace, signal)
         return diagonal_readout(trace, signal)
@@ -255,6 +317,7 @@ class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
         del Df, x
         if overrides(self, AbstractDiagonalAlgorithm, "gradient_unit"):
             return None
+        _check_kept(unit, trace)
         if self.stores_sparse(unit):
             return summed_sparse_readout(unit, trace, signal)
         return summed_diagonal_readout(trace, signal)

@@ -11,7 +11,7 @@ import jax.tree_util as jtu
 
 from .._errors import EtraceError
 from .._graph import Graph
-from .base import AbstractAlgorithm
+from .base import AbstractAlgorithm, full_traces
 from .wrapped import AbstractWrappedAlgorithm
 
 
@@ -83,8 +83,12 @@ class ReducedPrecision(AbstractWrappedAlgorithm):
         return jtu.tree_map(cast, traces)
 
     def _widen(self, graph: Graph, traces: Any) -> Any:
-        # The dtypes `inner` keeps its traces in, from shapes only.
+        # The dtypes `inner` keeps its traces in, from shapes only; with every
+        # trace kept when an outer wrapper's `init` asked for them all.
         wide = jax.eval_shape(lambda: self.inner.init(graph))
+        if jtu.tree_structure(wide) != jtu.tree_structure(traces):
+            with full_traces():
+                wide = jax.eval_shape(lambda: self.inner.init(graph))
         return jtu.tree_map(lambda a, s: a.astype(s.dtype), traces, wide)
 
     def init(self, graph: Graph) -> Any:

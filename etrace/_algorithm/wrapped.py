@@ -8,7 +8,7 @@ from typing import Any
 from jaxtyping import Array, PyTree
 
 from .._graph import Graph
-from .base import AbstractAlgorithm, overrides
+from .base import AbstractAlgorithm, full_traces, overrides
 
 
 class AbstractWrappedAlgorithm(AbstractAlgorithm):
@@ -17,7 +17,10 @@ class AbstractWrappedAlgorithm(AbstractAlgorithm):
     Subclass it and override `update` (e.g. to clip the traces after the inner
     update) or `gradients` (e.g. to clip the read-out). `init` keeps the inner
     algorithm's trace structure, so a wrapped learner's `TraceState` has the same
-    shapes as the inner one's. Capabilities that an algorithm declares as class
+    shapes as the inner one's; a wrapper that overrides `update`, `gradients` or
+    `summed_gradients` reads out from the updated traces, and its `init` has the
+    inner algorithm keep every trace that needs (`D_RTRL`'s trace of a spike,
+    which it otherwise does not keep). Capabilities that an algorithm declares as class
     variables (`routing`, `full_diagonal`, feedback) are looked up through `inner`.
 
     **Attributes:**
@@ -44,7 +47,17 @@ class AbstractWrappedAlgorithm(AbstractAlgorithm):
     inner: AbstractAlgorithm
 
     def init(self, graph: Graph) -> dict[str, PyTree[Array]]:
+        if self._reads_updated():
+            # Read out from the updated traces (see `gradients_from_previous`):
+            # the inner algorithm keeps every trace that read-out needs.
+            with full_traces():
+                return self.inner.init(graph)
         return self.inner.init(graph)
+
+    def _reads_updated(self) -> bool:
+        return overrides(
+            self, AbstractWrappedAlgorithm, "update", "gradients", "summed_gradients"
+        )
 
     def update(
         self, graph: Graph, traces: dict[str, PyTree[Array]], jac: Any
@@ -82,9 +95,7 @@ class AbstractWrappedAlgorithm(AbstractAlgorithm):
     ) -> dict[str, Array] | None:
         # A wrapper that changes the update or the read-out is read out from its
         # own updated traces.
-        if overrides(
-            self, AbstractWrappedAlgorithm, "update", "gradients", "summed_gradients"
-        ):
+        if self._reads_updated():
             return None
         return self.inner.gradients_from_previous(
             graph, traces, signal, jac, summed=summed
