@@ -225,9 +225,13 @@ def test_init_reset_and_trace_of():
     traces = learner.trace_of(ts, lambda m: m.cell.weight_hh)
     ((group, trace),) = traces.items()
     assert group == "state[0]+state[1]"
-    # one (B, Fw, Fx, C) array per state of the LSTM's neurons (h and c)
-    assert [eps.shape for eps in trace] == [(1, 16, 1, 4)] * 2
-    assert all(float(jnp.max(jnp.abs(eps))) > 0 for eps in trace)
+    # One (B, Fw, Fx, C) array per state of the LSTM's neurons (h and c), but
+    # none for h: its previous value reaches the cell only through `weight_hh`,
+    # so no state's own update reads it.
+    h, c = trace
+    assert h is None and c.shape == (1, 16, 1, 4)
+    assert float(jnp.max(jnp.abs(c))) > 0
+    assert "no trace for state[0] (read by no update)" in learner.summary()
     fresh = learner.reset(ts)
     assert int(fresh.t) == 0
     assert all(float(jnp.max(jnp.abs(a))) == 0 for a in jtu.tree_leaves(fresh.traces))
