@@ -20,18 +20,17 @@ which gets them as arrays; the difference can be smaller than the isolated updat
 FMA / (step - forward) is the roofline fraction of that in-step cost.
 
 Each timing is the median over `--repeats` calls (default 31, 5 with `--quick`)
-of a compiled function, after
-a first untimed call; the four functions of a row (update, FMA, step, forward)
-are called in turn, so that a drift of the machine's speed moves them together.
-The traces (or the FMA's `x`) are donated to the call and its result is fed to
-the next, so buffers are reused as in a training loop instead of being
-allocated at every call. When one call of the update takes under
-a millisecond, its dispatch would dominate, so every timing of that row instead
-runs `inner` iterations inside one jitted `lax.fori_loop` per call and is divided
-by `inner`, chosen to make a call last about a millisecond (`--inner` fixes it).
-The shapes of the Jacobians come from tracing the real `learner.step` with a
-wrapper algorithm that records what `update` receives
-(`etrace.AbstractWrappedAlgorithm`).
+of a compiled function, after a first untimed call; the four functions of a row
+(update, FMA, step, forward) are called in turn, so that a drift of the
+machine's speed moves them together. The traces (or the FMA's `x`) are donated
+to the call and its result is fed to the next, so buffers are reused as in a
+training loop instead of being allocated at every call. When one call of the
+update takes under a millisecond, its dispatch would dominate, so every timing
+of that row instead runs `inner` iterations inside one jitted `lax.fori_loop`
+per call and is divided by `inner`, chosen to make a call last about a
+millisecond (`--inner` fixes it). The shapes of the Jacobians come from tracing
+the real `learner.step` with a wrapper algorithm that records what `update`
+receives (`etrace.AbstractWrappedAlgorithm`).
 
 ```
 python benchmarks/roofline.py
