@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -75,15 +76,21 @@ def select(tree, where: Callable[[Any], Any]):
 
 
 def per_step_grads(learner, loss_fn, model, trace_state, xs, ys, reset_traces=False):
-    """The online gradient driven one step at a time in Python (no scan)."""
+    """The online gradient driven one step at a time in Python (no scan). With a
+    batched trace state, `xs` and `ys` carry the batch on axis 1 and each step's
+    loss is the batch mean, as in `etrace.online_grad`."""
+    batched = jnp.ndim(trace_state.t) == 1
+    step = jax.vmap(learner.step, (None, 0, 0)) if batched else learner.step
     total = None
     for x, y in zip(xs, ys):
         if reset_traces:
-            zero = learner.init()
+            zero = learner.reset(trace_state)
             trace_state = etrace.TraceState(trace_state.state, zero.traces, zero.t)
 
         def loss(m, ts=trace_state, x=x, y=y):
-            out, ts = learner.step(m, ts, x)
+            out, ts = step(m, ts, x)
+            if batched:
+                return jnp.mean(jax.vmap(loss_fn)(out, y)), ts
             return loss_fn(out, y), ts
 
         g, trace_state = eqx.filter_grad(loss, has_aux=True)(model)

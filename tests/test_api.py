@@ -67,17 +67,7 @@ def test_online_grad_sums_tall_outer_product_gradients_transposed(algorithm, bat
     assert turned.readout.weight is False and turned.cell.bias is False
 
     ts = learner.init(batch_size=batch)
-    step = learner.step if batch is None else jax.vmap(learner.step, (None, 0, 0))
-    total = None
-    for x, y in zip(xs, ys):
-
-        def loss(m, ts=ts, x=x, y=y):
-            out, ts = step(m, ts, x)
-            per = mse(out, y) if batch is None else jnp.mean(jax.vmap(mse)(out, y))
-            return per, ts
-
-        g, ts = eqx.filter_grad(loss, has_aux=True)(model)
-        total = g if total is None else jtu.tree_map(jnp.add, total, g)
+    total, _ = per_step_grads(learner, mse, model, ts, xs, ys)
     scanned, _, _ = etrace.online_grad(
         learner, mse, model, learner.init(batch_size=batch), xs, ys
     )

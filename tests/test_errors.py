@@ -284,5 +284,5 @@ def test_traces_of_another_algorithm_missing_a_read_trace():
     x0 = jnp.zeros(3)
     _, ts = etrace.compile(model, x0, state=state)
     ostl, _ = etrace.compile(model, x0, state=state, algorithm=etrace.OSTLRecurrent())
-    with pytest.raises(etrace.EtraceError, match=r"trace of state 0 is `None`"):
+    with pytest.raises(etrace.EtraceError, match=r"reads the trace of lif\.z, which"):
         ostl.step(model, ts, x0)

@@ -50,12 +50,6 @@ def _recur(trace, D, drive, group=None):
         for j, eps in enumerate(trace):
             if group is not None and not group.couples(k, j):
                 continue
-            if eps is None:
-                raise EtraceError(
-                    f"The trace of state {j} is `None`, but state {k}'s update "
-                    "reads it: the traces do not belong to this algorithm's "
-                    "`init` for this group. Start from `learner.init()`."
-                )
             d = D[..., k, j]
             if eps.ndim > d.ndim:
                 # A slice keeps a unit axis in place of `C` (a reshape that adds
@@ -227,8 +221,22 @@ def transient_states(group) -> tuple[int, ...]:
     return tuple(j for j in range(group.k) if not any(row[j] for row in group.coupling))
 
 
-def _transient(group) -> bool:
-    return bool(transient_states(group))
+def _check_readable(unit: Unit, trace, group) -> None:
+    """Every trace the update reads is there (`None` only where no state's update
+    reads it): traces from another algorithm's `init` may lack one."""
+    names = unit.group.leaf_names
+    for k, eps in enumerate(trace):
+        for j, other in enumerate(trace):
+            if eps is None or other is not None:
+                continue
+            if group is None or group.couples(k, j):
+                raise EtraceError(
+                    f"The update of `{unit.site.name}`'s trace for {names[k]} reads "
+                    f"the trace of {names[j]}, which is `None`: these traces come "
+                    "from another algorithm's `init` (D-RTRL keeps none for a state "
+                    "that no update reads). Start from this learner's "
+                    "`learner.init()`."
+                )
 
 
 def _check_kept(unit: Unit, trace) -> None:
@@ -274,18 +282,29 @@ class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
         recurrence or the read-out, and under a wrapper that reads out from the
         updated traces."""
         if (
-            getattr(self, "full_diagonal", False)
-            or keeps_full_traces()
+            keeps_full_traces()
             or overrides(
-                self,
-                AbstractDiagonalAlgorithm,
-                "init_unit",
-                "gradients_from_previous",
-                *_DIAGONAL_METHODS,
+                self, AbstractDiagonalAlgorithm, "init_unit", "gradients_from_previous"
             )
+            or not self._reads_previous(unit.group)
         ):
             return ()
         return transient_states(unit.group)
+
+    def _reads_previous(self, group) -> bool:
+        """Whether the gradient of `group`'s units is read from the traces before
+        the update (see `gradients_from_previous`)."""
+        # Unchanged shipped methods only: a subclass that changes the recurrence
+        # or the read-out is read out from its own traces after its own update.
+        # Only worth it for a group with a state whose previous value nothing
+        # reads (a spike): its trace is then never read. Otherwise the read-out
+        # of the updated traces is cheaper, because XLA can update them in place
+        # only when nothing reads the previous traces afterwards.
+        return (
+            not getattr(self, "full_diagonal", False)
+            and not overrides(self, AbstractDiagonalAlgorithm, *_DIAGONAL_METHODS)
+            and bool(transient_states(group))
+        )
 
     def init_unit(self, unit: Unit) -> tuple[Float[Array, "*trace"] | None, ...]:
         untraced = self.untraced(unit)
@@ -302,6 +321,7 @@ class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
         # `D` is the group's diagonal Jacobian, whose structural zeros the group
         # records, unless the recurrence uses the full diagonal blocks `H`.
         group = None if getattr(self, "full_diagonal", False) else unit.group
+        _check_readable(unit, trace, group)
         if self.stores_sparse(unit):
             return sparse_update(unit, trace, D, Df, x, group)
         return diagonal_update(trace, D, Df, x, group)
@@ -323,25 +343,14 @@ class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
         return summed_diagonal_readout(trace, signal)
 
     def gradients_from_previous(self, graph, traces, signal, jac, *, summed=False):
-        # Unchanged shipped methods only: a subclass that changes the recurrence
-        # or the read-out is read out from its own traces after its own update.
-        if overrides(self, AbstractDiagonalAlgorithm, *_DIAGONAL_METHODS):
+        if not any(self._reads_previous(g) for g in graph.groups):
             return None
-        full = getattr(self, "full_diagonal", False)
-        # Only worth it for a group with a state whose previous value nothing
-        # reads (a spike): its trace is then never read. Otherwise the read-out
-        # of the updated traces is cheaper, because XLA can update them in place
-        # only when nothing reads the previous traces afterwards.
-        if full or not any(_transient(g) for g in graph.groups):
-            return None
-        jacobian = jac.H if full else jac.D
         axis = 1 if summed else 0
         out = {}
         for u in graph.units:
-            D = u.gather(jacobian[u.group.name], axis=axis)
+            D = u.gather(jac.D[u.group.name], axis=axis)
             c = u.gather(signal[u.group.name], axis=axis)
-            group = None if full else u.group
-            s, cdf = previous_factors(D, c, jac.Df[u.name], group)
+            s, cdf = previous_factors(D, c, jac.Df[u.name], u.group)
             x = jac.x[u.name]
             if self.stores_sparse(u):
                 grad = sparse_previous_readout(u, traces[u.name], s, cdf, x, summed)
