@@ -95,23 +95,20 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
         ex, ef = trace
         a = self.decay
         ex = a * ex + x
-        # `D ef` written out over the `K` states, without its structural zeros: an
+        # `D ef` as one broadcast product per column `j` of `D` that can be
+        # non-zero: `D[..., :, j] * ef_j` gives every state's term at once, so the
+        # new trace is one element-wise expression of the trace's own shape. (An
         # einsum contracting `K` compiles to one tiny matrix product per output on
-        # CPU.
+        # CPU; a per-state result joined by a concatenate runs element by element,
+        # 2 to 3 times slower for a LIF layer's two states.)
         g = unit.group
-        new = []
-        for i in range(g.k):
-            # Slices that keep the state axis: a reshape or stack that adds it back
-            # gets an odd layout from XLA, and the update then copies element by
-            # element instead of running in place.
-            terms = [
-                D[..., i, j : j + 1] * ef[..., j : j + 1]
-                for j in range(g.k)
-                if g.couples(i, j)
-            ]
-            decayed = sum(terms[1:], terms[0]) if terms else 0 * ef[..., i : i + 1]
-            new.append(a * decayed + (1 - a) * Df[..., i : i + 1])
-        return ex, new[0] if g.k == 1 else jnp.concatenate(new, axis=-1)
+        columns = [
+            D[..., :, j] * ef[..., j : j + 1]
+            for j in range(g.k)
+            if any(g.couples(i, j) for i in range(g.k))
+        ]
+        decayed = sum(columns[1:], columns[0]) if columns else 0 * ef
+        return ex, a * decayed + (1 - a) * Df
 
     def _shared(self, graph: Graph) -> dict[str, str]:
         """Unit name -> the unit whose output trace it reads (see the class
