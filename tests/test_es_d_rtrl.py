@@ -2,6 +2,7 @@
 
 import equinox as eqx
 import hypothesis.strategies as st
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -149,3 +150,69 @@ def test_rank_and_alias():
 def test_argument_errors(kwargs, match):
     with pytest.raises(etrace.EtraceError, match=match):
         etrace.ES_D_RTRL(**kwargs)
+
+
+class Cascade(eqx.Module):
+    """Two states per neuron, the second fed by the first's previous value:
+    u = 0.8 u + tanh(W x), v = 0.5 v + 0.7 u; the readout sees both. The group's
+    `D` is lower triangular (`dv/du = 0.7`, `du/dv = 0`), so a transposed `D`
+    gives another output trace."""
+
+    w: jax.Array
+    readout: eqx.nn.Linear
+
+    def __call__(self, x, state):
+        u, v = state
+        u_new = 0.8 * u + jnp.tanh(self.w @ x)
+        v_new = 0.5 * v + 0.7 * u
+        return self.readout(jnp.concatenate([u_new, v_new])), (u_new, v_new)
+
+
+def _cascade_by_hand(model, xs, ys, a, transposed=False):
+    """ES-D-RTRL's gradient of `Cascade.w`, from the equations of its docstring
+    (`transposed`: with `D` transposed, the negative control)."""
+    w = np.asarray(model.w)
+    wo, bo = np.asarray(model.readout.weight), np.asarray(model.readout.bias)
+    hidden, n_in = w.shape
+    d_uu, d_uv, d_vu, d_vv = 0.8, 0.0, 0.7, 0.5
+    if transposed:
+        d_uv, d_vu = d_vu, d_uv
+    u, v = np.zeros(hidden), np.zeros(hidden)
+    ex, ef_u, ef_v = np.zeros(n_in), np.zeros(hidden), np.zeros(hidden)
+    grad = np.zeros_like(w)
+    for x, y in zip(np.asarray(xs), np.asarray(ys)):
+        pre = w @ x
+        u, v = 0.8 * u + np.tanh(pre), 0.5 * v + 0.7 * u
+        c = wo.T @ (wo @ np.concatenate([u, v]) + bo - y) * 2 / len(y)
+        c_u, c_v = c[:hidden], c[hidden:]
+        ex = a * ex + x
+        # `dv/dy = 0`: the weight's output reaches `v` a step later, through `D`.
+        ef_u, ef_v = (
+            a * (d_uu * ef_u + d_uv * ef_v) + (1 - a) * (1 - np.tanh(pre) ** 2),
+            a * (d_vu * ef_u + d_vv * ef_v),
+        )
+        grad = grad + np.outer(c_u * ef_u + c_v * ef_v, ex)
+    return grad
+
+
+@pytest.mark.parametrize("seed,a", [(0, 0.3), (1, 0.9)])
+def test_two_coupled_states_equal_their_equations_by_hand(seed, a):
+    hidden, n_in = 3, 2
+    k1, k2 = jr.split(jr.key(seed))
+    model = f64(
+        Cascade(jr.normal(k1, (hidden, n_in)), eqx.nn.Linear(2 * hidden, 2, key=k2))
+    )
+    xs, ys = data(seed, 6, n_in, 2)
+    state = (jnp.zeros(hidden), jnp.zeros(hidden))
+    learner, ts = etrace.compile(
+        model, xs[0], state=state, algorithm=etrace.ES_D_RTRL(decay=a)
+    )
+    (group,) = learner.graph.groups
+    assert group.k == 2
+    online, _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+    assert et_rel(online.w, _cascade_by_hand(model, xs, ys, a)) <= 1e-9
+    # Negative controls: the coupling through `D` matters, in its direction.
+    wrong = _cascade_by_hand(model, xs, ys, a, transposed=True)
+    assert et_rel(online.w, wrong) > 1e-6
+    exact, _ = etrace.bptt_grad(mse, model, state, xs, ys)
+    assert leaf_errors(online, exact)[".w"] > 1e-6
