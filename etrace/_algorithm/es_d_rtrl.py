@@ -100,7 +100,9 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
         # new trace is one element-wise expression of the trace's own shape. (An
         # einsum contracting `K` compiles to one tiny matrix product per output on
         # CPU; a per-state result joined by a concatenate runs element by element,
-        # 2 to 3 times slower for a LIF layer's two states.)
+        # 2 to 3 times slower for a LIF layer's two states.) A column of structural
+        # zeros (a spike's) is left out; within a kept column, entries that
+        # `coupling` marks zero are multiplied in, as the zeros they are.
         g = unit.group
         columns = [
             D[..., :, j] * ef[..., j : j + 1]
