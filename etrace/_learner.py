@@ -13,7 +13,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Int, PyTree
 
 from ._algorithm.base import AbstractAlgorithm
-from ._algorithm.d_rtrl import D_RTRL
+from ._algorithm.d_rtrl import AbstractDiagonalAlgorithm, canonical, D_RTRL
 from ._compiler import (
     _Leaf,
     analyse,
@@ -280,7 +280,8 @@ class Learner(eqx.Module):
         algorithm's; for `D_RTRL` it is a tuple of `K` arrays `(B, Fw, Fx, C)` in
         canonical form, one per state of the group's neurons (`None` for a state
         whose previous value no update reads, such as a spike: its trace is not
-        kept).
+        kept), also for a weight with few inputs, whose trace `TraceState.traces`
+        stores turned, `(B, C, Fw, Fx)`.
 
         **Raises:**
 
@@ -306,10 +307,12 @@ class Learner(eqx.Module):
         theta = trace_state.traces.get("theta")
         if isinstance(theta, dict) and path in theta:  # rank-one (UORO-like) traces
             return {"hidden": (trace_state.traces["s"], theta[path])}
+        view = _trace_view(self.algorithm)
         out: dict[str, list[Any]] = {}
         for u in self.graph.units:
             if leaf.index in u.site.params:
-                out.setdefault(u.group.name, []).append(trace_state.traces[u.name])
+                trace = view(u, trace_state.traces[u.name])
+                out.setdefault(u.group.name, []).append(trace)
         if not out:
             role, why = c.roles[leaf.index]
             raise EtraceError(
@@ -419,6 +422,16 @@ class Learner(eqx.Module):
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _trace_view(algorithm: Any) -> Callable[[Any, Any], Any]:
+    """How `trace_of` shows a unit's trace: D-RTRL's (and its relatives') in
+    canonical layout, also where it is stored turned (`d_rtrl.turns`)."""
+    while algorithm is not None:
+        if isinstance(algorithm, AbstractDiagonalAlgorithm):
+            return canonical
+        algorithm = getattr(algorithm, "inner", None)
+    return lambda unit, trace: trace
 
 
 def _bytes(count: int) -> str:

@@ -510,3 +510,86 @@ def test_wrapper_around_reduced_precision_keeps_spike_trace(key):
     errors = leaf_errors(grads["nested"], grads["plain"])
     # float32 traces: agreement to their rounding, not exactly.
     assert 0 < max(errors.values()) <= 1e-5
+
+
+class WideSpiking(eqx.Module):
+    """A feed-forward LIF layer of 16 neurons on 3 inputs: a trace with few inputs
+    against many outputs, and a spike read out from the previous traces."""
+
+    synapses: eqx.nn.Linear
+    lif: enn.LIF
+    readout: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jr.split(key)
+        self.synapses = eqx.nn.Linear(3, 16, key=k1)
+        self.lif = enn.LIF(16, tau=3.0, threshold=0.3)
+        self.readout = eqx.nn.Linear(16, 2, key=k2)
+
+    def __call__(self, x, state):
+        z, state = self.lif(self.synapses(x), state)
+        return self.readout(z), state
+
+
+class WideGRU(eqx.Module):
+    cell: eqx.nn.GRUCell
+    h: eqx.nn.StateIndex
+
+    def __init__(self, key):
+        self.cell = eqx.nn.GRUCell(3, 16, key=key)
+        self.h = eqx.nn.StateIndex(jnp.zeros(16))
+
+    def __call__(self, x, state):
+        h = self.cell(x, state.get(self.h))
+        return h[:2], state.set(self.h, h)
+
+
+@pytest.mark.parametrize("name", ["gru", "spiking"])
+@pytest.mark.parametrize("batch", [None, 3])
+def test_turned_traces_of_few_inputs(name, batch, key, monkeypatch):
+    from etrace._algorithm import d_rtrl
+
+    cls, where = {
+        "gru": (WideGRU, lambda m: m.cell.weight_ih),
+        "spiking": (WideSpiking, lambda m: m.synapses.weight),
+    }[name]
+    model, state = eqx.nn.make_with_state(cls)(key)
+    lead = (12,) if batch is None else (12, batch)
+    xs = 2.0 * jr.normal(jr.key(3), lead + (3,))
+    ys = jr.normal(jr.key(4), lead + (2,))
+    if name == "spiking":
+        assert 0 < _rate(model, state, xs) < 1
+
+    def run():
+        learner, ts = etrace.compile(model, xs.reshape(-1, 3)[0], state=state)
+        if batch is not None:
+            ts = learner.init(batch_size=batch)
+        grads, ts, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+        (unit,) = [
+            u
+            for u in learner.graph.units
+            if "weight" in u.name and ("ih" in u.name or "synapses" in u.name)
+        ]
+        return grads, ts, learner, unit
+
+    grads, ts, learner, unit = run()
+    monkeypatch.setattr(d_rtrl, "_TURNED_INPUTS", 0)
+    plain, plain_ts, plain_learner, _ = run()
+    # Stored turned, `(B, C, Fw, Fx)`, and shown canonical by `trace_of`.
+    b, w, f, c = unit.shape
+    stored = [eps for eps in ts.traces[unit.name] if eps is not None]
+    assert stored and all(eps.shape[-4:] == (b, c, w, f) for eps in stored)
+    (shown,) = learner.trace_of(ts, where).values()
+    (expected,) = plain_learner.trace_of(plain_ts, where).values()
+    for eps, ref in zip(shown, expected):
+        if ref is None:
+            assert eps is None
+            continue
+        assert eps.shape[-4:] == (b, w, f, c)
+        np.testing.assert_allclose(eps, ref, rtol=1e-12, atol=1e-15)
+        # Negative control: the stored array is the transpose, not a reshape.
+        assert float(jnp.max(jnp.abs(ref))) > 0
+        assert not np.allclose(stored[0].reshape(ref.shape), ref)
+    # The same gradients as from canonical traces, to rounding.
+    assert max(leaf_errors(grads, plain).values()) <= 1e-12
+    assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
