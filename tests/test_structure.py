@@ -531,29 +531,17 @@ class WideSpiking(eqx.Module):
         return self.readout(z), state
 
 
-class WideGRU(eqx.Module):
-    cell: eqx.nn.GRUCell
-    h: eqx.nn.StateIndex
-
-    def __init__(self, key):
-        self.cell = eqx.nn.GRUCell(3, 16, key=key)
-        self.h = eqx.nn.StateIndex(jnp.zeros(16))
-
-    def __call__(self, x, state):
-        h = self.cell(x, state.get(self.h))
-        return h[:2], state.set(self.h, h)
-
-
 @pytest.mark.parametrize("name", ["gru", "spiking"])
 @pytest.mark.parametrize("batch", [None, 3])
 def test_turned_traces_of_few_inputs(name, batch, key, monkeypatch):
     from etrace._algorithm import d_rtrl
 
-    cls, where = {
-        "gru": (WideGRU, lambda m: m.cell.weight_ih),
-        "spiking": (WideSpiking, lambda m: m.synapses.weight),
-    }[name]
-    model, state = eqx.nn.make_with_state(cls)(key)
+    if name == "gru":  # a GRU of 16 units on 3 inputs, with a linear readout
+        model, state = et.build("gru", 3, 16, 2, seed=0)
+        where = lambda m: m.cell.weight_ih  # noqa: E731
+    else:
+        model, state = eqx.nn.make_with_state(WideSpiking)(key)
+        where = lambda m: m.synapses.weight  # noqa: E731
     lead = (12,) if batch is None else (12, batch)
     xs = 2.0 * jr.normal(jr.key(3), lead + (3,))
     ys = jr.normal(jr.key(4), lead + (2,))
