@@ -85,11 +85,13 @@ def results(session: nox.Session) -> None:
 
 @nox.session
 def bench_training(session: nox.Session) -> None:
-    """Training step against BPTT (`training.py`) and trace update against the
-    roofline (`roofline.py`); arguments after `--` go to both, e.g. `-- --quick`."""
+    """Training step against BPTT (`training.py`), trace update against the
+    roofline (`roofline.py`) and ES-D-RTRL's step against its matrix products
+    (`products.py`); arguments after `--` go to all three, e.g. `-- --quick`."""
     session.install("-e", ".[examples]")
     session.run("python", "benchmarks/training.py", *session.posargs)
     session.run("python", "benchmarks/roofline.py", *session.posargs)
+    session.run("python", "benchmarks/products.py", *session.posargs)
 
 
 # braintrace and the versions of its dependencies the comparison was measured with.

@@ -103,6 +103,31 @@ def test_algorithms_benchmark_smoke(tmp_path):
     assert json.loads(out.read_text())["results"]
 
 
+def test_products_benchmark_smoke(tmp_path):
+    import jax.random as jr
+    import numpy as np
+
+    module = _load("benchmarks/products.py")
+    out = tmp_path / "products.json"
+    sizes = ["--models", "gru", "--gru-hidden", "8", "--gru-lengths", "10"]
+    rows = module.main([*sizes, "--repeats", "1", "--out", str(out)])
+    # The GRU's two weight products, and not its biases.
+    assert [r["products"] for r in rows] == [[[24, 10], [24, 8]]]
+    assert json.loads(out.read_text())["results"][0]["floor_seconds"] > 0
+
+    # Both floors form each step's read-out from that step's forward product and
+    # input, the chunked one five or ten steps at a time.
+    ops = module.operands([(6, 3), (2, 5)], batch=4, length=20, key=jr.key(0))
+    want = [np.einsum("tnm,tnc->cm", np.einsum("mc,tnc->tnm", w, x), x) for w, x in ops]
+    want[1] = want[1].T  # more columns than rows: not turned
+    assert min(np.abs(w).max() for w in want) > 1
+    floors = [module.per_step_floor(ops)]
+    floors += [module.chunked_floor(ops, chunk) for chunk in (5, 10)]
+    for got in floors:
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
