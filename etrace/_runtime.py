@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import equinox as eqx
@@ -190,6 +191,27 @@ def summed_batch():
         _SUMMED.reset(token)
 
 
+_PREVIOUS = contextvars.ContextVar("etrace_previous_readers", default=None)
+
+
+@contextlib.contextmanager
+def previous_readers() -> Iterator[set[str]]:
+    """While tracing a step's gradient, collect the names of the units whose
+    read-out took the traces before the update (`gradients_from_previous`)."""
+    names: set[str] = set()
+    token = _PREVIOUS.set(names)
+    try:
+        yield names
+    finally:
+        _PREVIOUS.reset(token)
+
+
+def _read_previous(sub: Graph) -> None:
+    names = _PREVIOUS.get()
+    if names is not None:
+        names.update(u.name for u in sub.units)
+
+
 def _group_hook(
     algorithm: Any, sub: Graph, group: Group, dtypes: list[Any], anchored: bool
 ):
@@ -213,6 +235,8 @@ def _group_hook(
         grads = algorithm.gradients_from_previous(sub, previous, signal, jac)
         if grads is None:
             grads = algorithm.gradients(sub, traces, signal, jac)
+        else:
+            _read_previous(sub)
         return to_weights(grads)
 
     if not _SUMMED.get():
@@ -241,6 +265,8 @@ def _group_hook(
         )
         if grads is None:
             grads = algorithm.summed_gradients(sub, traces, signal, jac)
+        else:
+            _read_previous(sub)
         out = to_weights(grads)
         return out, [False] * len(out)
 

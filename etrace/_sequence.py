@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, PyTree
 from ._compiler import keystr
 from ._errors import EtraceError
 from ._learner import Learner, TraceState
-from ._runtime import capability, summed_batch
+from ._runtime import capability, previous_readers, summed_batch
 
 
 def _length(xs: Any, targets: Any, mask: Any) -> int:
@@ -71,6 +71,36 @@ def _turned_sums(learner: Learner, zeros: Any) -> Any:
 
 def _turn(a: Any, turned: bool) -> Any:
     return a.T if turned else a
+
+
+def _after_read_out(ts: TraceState, names: set[str], grads: Any) -> TraceState:
+    """`ts` with a zero computed from `grads` added to the traces of the units
+    `names`, whose read-out took the traces before the update.
+
+    Those traces are read twice, by the update and by the read-out, and XLA
+    writes the updated traces over the previous ones (in the loop's buffer) only
+    when it can tell that the read-out runs first; otherwise it copies the
+    previous traces at every step. The zero makes the update depend on the
+    read-out, and XLA fuses the addition into the update. (Measured with
+    `benchmarks/training.py`: the LIF network's D-RTRL step 1.2 and 1.8 times
+    faster at H = 128 and 512. Traces read out after their update are left
+    alone: ordering them so would make XLA write them twice.)"""
+    leaves = [g for g in jtu.tree_leaves(grads) if jnp.size(g)]
+    if not names or not leaves:
+        return ts
+    probe = sum(jnp.ravel(g)[0].astype(jnp.float32) for g in leaves)
+    # Zero, even where the gradient is not finite (an inf times zero is a NaN).
+    zero = jnp.where(jnp.isfinite(probe), probe * 0, 0)
+
+    def add(a: Any) -> Any:
+        if not jnp.issubdtype(jnp.result_type(a), jnp.inexact):
+            return a
+        return a + zero.astype(jnp.result_type(a))
+
+    traces = {
+        k: jtu.tree_map(add, v) if k in names else v for k, v in ts.traces.items()
+    }
+    return eqx.tree_at(lambda s: s.traces, ts, traces)
 
 
 def online_grad(
@@ -158,7 +188,9 @@ def online_grad(
     def body(carry, inputs):
         ts, total = carry
         x, target, weight = inputs
-        (_, (ts, loss)), grads = grad_fn(model, ts, x, target, weight)
+        with previous_readers() as names:
+            (_, (ts, loss)), grads = grad_fn(model, ts, x, target, weight)
+        ts = _after_read_out(ts, names, grads)
         total = jtu.tree_map(lambda s, g, t: s + _turn(g, t), total, grads, turned)
         return (ts, total), loss
 

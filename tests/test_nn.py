@@ -443,6 +443,62 @@ def test_recurrent_spiking_layer_differs_from_bptt(seed, n_in, n):
     )
 
 
+@pytest.mark.parametrize("batch", [None, 3])
+def test_online_grad_orders_the_update_after_a_read_out_of_previous_traces(
+    batch, monkeypatch
+):
+    # D-RTRL reads a spiking layer's gradient from the traces before the update
+    # (the spike keeps no trace), and `online_grad` makes the update of exactly
+    # those traces wait for that read-out, so that XLA can write them in place.
+    # Nothing else changes: gradients and traces equal a step-by-step loop's, and
+    # the traces stay those of the loop where the loss is not finite.
+    from etrace import _sequence
+
+    from .helpers import per_step_grads, tree_allclose
+
+    ordered = []
+
+    def recording(ts, names, grads):
+        ordered.append(set(names))
+        return after(ts, names, grads)
+
+    after = _sequence._after_read_out
+    monkeypatch.setattr(_sequence, "_after_read_out", recording)
+
+    model, state = eqx.nn.make_with_state(RecurrentSpiking)(2, 8, 2, key=jr.key(0))
+    lead = (10,) if batch is None else (10, batch)
+    xs = 2.0 * jr.normal(jr.key(1), lead + (2,))
+    ys = jr.normal(jr.key(2), lead + (2,))
+    learner, _ = etrace.compile(model, xs.reshape(-1, 2)[0], state=state)
+    ts = learner.init(batch_size=batch)
+
+    def spiking(s, x):
+        _, s = model(x, s)
+        return s, model.neuron.spikes(s)
+
+    _, spikes = jax.lax.scan(spiking, state, xs.reshape(-1, 2))
+    assert 0 < float(jnp.mean(spikes)) < 1
+    scanned, ts_scan, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+    synapses = {u.name for u in learner.graph.units if u.name.startswith("synapses")}
+    assert ordered == [synapses] and len(synapses) == 2
+    # A GRU's traces are read out after their update: none is ordered.
+    gru, gru_state = et.build("gru", 2, 4, 2, seed=0)
+    gru_learner, _ = etrace.compile(gru, xs.reshape(-1, 2)[0], state=gru_state)
+    gru_ts = gru_learner.init(batch_size=batch)
+    etrace.online_grad(gru_learner, mse, gru, gru_ts, xs, ys)
+    assert ordered[1:] == [set()]
+
+    looped, ts_loop = per_step_grads(learner, mse, model, ts, xs, ys)
+    assert tree_allclose(scanned, looped) and tree_allclose(ts_scan, ts_loop)
+    assert float(jnp.abs(scanned.synapses.weight).max()) > 0
+
+    bad = ys.at[4].set(jnp.inf)  # every gradient from step 4 on is not finite
+    grads, ts_bad, _ = etrace.online_grad(learner, mse, model, ts, xs, bad)
+    assert not np.isfinite(np.asarray(grads.synapses.weight)).any()
+    assert tree_allclose(ts_bad.traces, ts_loop.traces)
+    assert all(bool(jnp.isfinite(t).all()) for t in jtu.tree_leaves(ts_bad.traces))
+
+
 @settings(max_examples=2, deadline=None)
 @given(seed=st.integers(0, 10_000), n_in=st.integers(1, 3), n=st.integers(2, 5))
 def test_elman_differs_and_diagonal_linear_cell_matches(seed, n_in, n):
