@@ -53,7 +53,7 @@ import jax.random as jr
 import optax
 from configs import add_size_options, Config, format_table, repeats, row, selected
 from roofline import interleaved
-from training import algorithms, build, data, metadata, online_step
+from training import algorithms, build, data, online_step, write_record
 
 import etrace
 
@@ -248,13 +248,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = [measure(config, count, peer) for config in selected(args)]
     print(f"\nmedian of {count} calls of each, in turn, after compilation, float32")
     print(table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = metadata("products")
-    record["repeats"] = count
-    record["chunk"] = CHUNK
-    record["results"] = rows
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_record(args.out, "products", rows, repeats=count, chunk=CHUNK)
     return rows
 
 

@@ -43,7 +43,6 @@ Prints a table and writes `benchmarks/results/roofline.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import statistics
@@ -64,7 +63,7 @@ from configs import (
     selected,
     timed,
 )
-from training import algorithms, broadcast, build, data, metadata
+from training import algorithms, broadcast, build, data, write_record
 
 import etrace
 
@@ -336,12 +335,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     )
     print(table(rows))
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = metadata("roofline")
-    record["repeats"] = count
-    record["results"] = rows
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_record(args.out, "roofline", rows, repeats=count)
     return rows
 
 

@@ -256,6 +256,16 @@ def metadata(benchmark: str) -> dict[str, Any]:
     }
 
 
+def write_record(
+    out: pathlib.Path, benchmark: str, rows: list[dict[str, Any]], **extra: Any
+) -> None:
+    """Writes `rows` with the machine and library versions (and `extra`) as JSON."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {**metadata(benchmark), **extra, "results": rows}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_size_options(parser, extra=(BF16,))
@@ -270,15 +280,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     print(f"\nmedian of {count} training steps after compilation, float32")
     print(training_table(rows))
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = metadata("training")
-    record["repeats"] = count
-    record["models"] = {
-        c.family.name: c.family.description for c in configs
-    }  # one description per family
-    record["results"] = rows
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    # One description per family.
+    models = {c.family.name: c.family.description for c in configs}
+    write_record(args.out, "training", rows, repeats=count, models=models)
     return rows
 
 
