@@ -13,8 +13,11 @@ feeds a hidden group through a matrix product (a GRU's `weight_ih` and
   the learning signal) and the input trace, one matrix product contracting the
   batch, which each step's weight gradient needs.
 
-The operands are random arrays of the shapes the compiled learner reports
-(`Unit.site`), one per step, so that nothing is hoisted out of the loop. Left out
+The shapes are those the compiled learner reports (`Unit.site`); each step's
+input is a random array of its own, so that nothing is hoisted out of the loop,
+and the read-out's output-side factor is the step's forward product (of the same
+shape), so that the read-out waits for it as the real one waits for the learning
+signal; each read-out is added to a running sum, as `online_grad` does. Left out
 are the products outside the recurrence (the readout layers and their gradients)
 and all element-wise work (the nonlinearities, the Jacobians, the trace updates),
 so the scan's time is a lower bound for an ES-D-RTRL step of the model on this
