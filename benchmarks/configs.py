@@ -79,10 +79,13 @@ class Config:
 
 
 def add_size_options(
-    parser: argparse.ArgumentParser, extra: Sequence[str] = ()
+    parser: argparse.ArgumentParser,
+    extra: Sequence[str] = (),
+    algorithms: bool = True,
 ) -> None:
     """The options shared by the training benchmarks of every library; `extra`:
-    algorithm names only this library measures (run by default too)."""
+    algorithm names only this library measures (run by default too);
+    `algorithms=False` leaves out `--algorithms`, for a script that measures one."""
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -95,8 +98,9 @@ def add_size_options(
     parser.add_argument("--gru-lengths", type=int, nargs="+", help="GRU lengths T")
     parser.add_argument("--lif-hidden", type=int, nargs="+", help="LIF layer sizes")
     parser.add_argument("--lif-lengths", type=int, nargs="+", help="LIF lengths T")
-    names = list(ALGORITHMS) + list(extra)
-    parser.add_argument("--algorithms", nargs="+", choices=names, default=names)
+    if algorithms:
+        names = list(ALGORITHMS) + list(extra)
+        parser.add_argument("--algorithms", nargs="+", choices=names, default=names)
     parser.add_argument(
         "--repeats",
         type=int,

@@ -111,10 +111,8 @@ def operands(shapes, batch: int, length: int, key) -> list[tuple[Any, Any]]:
 
 def zeros(ops) -> list[Any]:
     """The running sums of the read-outs."""
-    return [
-        jnp.zeros(jax.eval_shape(read_out, jnp.zeros((1, w.shape[0])), x[0]).shape)
-        for w, x in ops
-    ]
+    sums = [jax.eval_shape(read_out, w[None, :, 0], x[0]) for w, x in ops]
+    return [jnp.zeros(s.shape, s.dtype) for s in sums]
 
 
 def per_step_floor(ops) -> Any:
@@ -243,7 +241,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_size_options(parser)
+    add_size_options(parser, algorithms=False)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="JSON path")
     args = parser.parse_args(argv)
     count = repeats(args)

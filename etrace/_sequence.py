@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, PyTree
 from ._compiler import keystr
 from ._errors import EtraceError
 from ._learner import Learner, TraceState
-from ._runtime import capability, previous_readers, summed_batch
+from ._runtime import _is_float, capability, previous_readers, summed_batch
 
 
 def _length(xs: Any, targets: Any, mask: Any) -> int:
@@ -85,17 +85,15 @@ def _after_read_out(ts: TraceState, names: set[str], grads: Any) -> TraceState:
     `benchmarks/training.py`: the LIF network's D-RTRL step 1.2 and 1.8 times
     faster at H = 128 and 512. Traces read out after their update are left
     alone: ordering them so would make XLA write them twice.)"""
-    leaves = [g for g in jtu.tree_leaves(grads) if jnp.size(g)]
+    leaves = [g for g in jtu.tree_leaves(grads) if _is_float(g) and jnp.size(g)]
     if not names or not leaves:
         return ts
-    probe = sum(jnp.ravel(g)[0].astype(jnp.float32) for g in leaves)
+    probe = sum(jnp.real(jnp.ravel(g)[0]).astype(jnp.float32) for g in leaves)
     # Zero, even where the gradient is not finite (an inf times zero is a NaN).
     zero = jnp.where(jnp.isfinite(probe), probe * 0, 0)
 
     def add(a: Any) -> Any:
-        if not jnp.issubdtype(jnp.result_type(a), jnp.inexact):
-            return a
-        return a + zero.astype(jnp.result_type(a))
+        return a + zero.astype(jnp.result_type(a)) if _is_float(a) else a
 
     traces = {
         k: jtu.tree_map(add, v) if k in names else v for k, v in ts.traces.items()
