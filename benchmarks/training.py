@@ -6,6 +6,8 @@ comes from `etrace.online_grad` (D-RTRL, ES-D-RTRL: each step's gradient taken
 inside the scan and accumulated; `D-RTRL/bf16` is D-RTRL with its traces stored
 in bfloat16 through `etrace.ReducedPrecision`) or from `etrace.bptt_grad`
 (back-propagation through time), on the same model in the same run, in float32.
+`e-prop` (LIF network only) is `etrace.EProp` with its filter `kappa` set to the
+leaky readout's leak, as in `examples/evidence_accumulation.py`.
 Two model families (sizes in `benchmarks/configs.py`):
 
 * GRU: `eqx.nn.GRUCell` with an `eqx.nn.Linear` readout, H = 64, 128, 256,
@@ -66,6 +68,7 @@ import etrace.nn as enn
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "training.json"
 BF16 = "D-RTRL/bf16"
+EPROP = "e-prop"
 
 
 class GRUNet(eqx.Module):
@@ -142,6 +145,8 @@ def algorithms() -> dict[str, etrace.AbstractAlgorithm]:
         "ES-D-RTRL": etrace.ES_D_RTRL(decay=ES_DECAY),
         # D-RTRL with its traces stored in bfloat16 (etrace only).
         BF16: etrace.ReducedPrecision(etrace.D_RTRL(), jnp.bfloat16),
+        # The readout's leak `exp(-1/tau)`, tau = 20 steps (`SpikingNet.output`).
+        EPROP: etrace.EProp(kappa=math.exp(-1 / 20.0)),
     }
 
 
@@ -216,6 +221,8 @@ def measure(config: Config, names: Sequence[str], count: int) -> list[dict[str, 
     x0 = jnp.zeros(config.family.inputs, jnp.float32)
     rows = []
     for name in names:
+        if name == EPROP and config.family.name != "LIF":
+            continue  # a filter for a leaky readout, which only the LIF network has
         extra: dict[str, Any] = {}
         if name == "BPTT":
             step = bptt_step(state, static, optim)
@@ -268,7 +275,7 @@ def write_record(
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_size_options(parser, extra=(BF16,))
+    add_size_options(parser, extra=(BF16, EPROP))
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="JSON path")
     args = parser.parse_args(argv)
     count = repeats(args)

@@ -158,6 +158,92 @@ def test_eprop_kappa_equals_bptt_on_a_leaky_readout(seed, neuron):
     check(etrace.EProp(kappa=0.3), model, state, xs, ys, equal=True, params="out")
 
 
+def _textbook_update(kappa, trace, D, Df, x):
+    """A filtered unit's update written out: every state's trace
+    `eps_k = sum_j D_kj eps_j + Df_k x`, then `filtered_k = kappa filtered_k +
+    eps_k`."""
+    eps = trace["trace"]
+    new = tuple(
+        sum(D[..., k, j][..., None] * eps[j] for j in range(len(eps)))
+        + Df[..., k][..., None] * x[:, None]
+        for k in range(len(eps))
+    )
+    filtered = tuple(kappa * f + e for f, e in zip(trace["filtered"], new))
+    return {"trace": new, "filtered": filtered}
+
+
+class _FullEProp(etrace.EProp):
+    """e-prop that keeps every trace (a subclass replacing `update_unit`), with
+    the update written out."""
+
+    def update_unit(self, unit, trace, D, Df, x):
+        if not isinstance(trace, dict):
+            return super().update_unit(unit, trace, D, Df, x)
+        return _textbook_update(self.kappa.kappa, trace, D, Df, x)
+
+
+class _FullOTPE(etrace.OTPE):
+    def update_unit(self, unit, trace, D, Df, x):
+        if not isinstance(trace, dict):
+            return super().update_unit(unit, trace, D, Df, x)
+        return _textbook_update(self.decay, trace, D, Df, x)
+
+
+@pytest.mark.parametrize("batch", [None, 4])
+@pytest.mark.parametrize(
+    "make, full",
+    [
+        (lambda: etrace.EProp(kappa=0.7), lambda: _FullEProp(kappa=0.7)),
+        (lambda: etrace.OTPE(0.7), lambda: _FullOTPE(0.7)),
+    ],
+    ids=["eprop", "otpe"],
+)
+def test_filtered_traces_keep_no_spike_trace_and_update_in_place(make, full, batch):
+    # A filtered group's spike trace feeds only its filtered trace: it is not kept
+    # but computed from the previous traces at each update, and the kept traces
+    # are updated after the filtered ones, so that XLA writes them in place.
+    # Gradients and traces equal those of the full traces, and the spike's
+    # filtered trace, which the dropped trace feeds, is not zero.
+    model, state = build(3, n=6, kappa=0.7, recurrent=True)
+    lead = (12,) if batch is None else (12, batch)
+    xs = 2.5 * jr.normal(jr.key(5), lead + (3,))
+    ys = jr.normal(jr.key(6), lead + (2,))
+    rates = et.liveness(model, xs.reshape(-1, 3), state=state).rates
+    assert rates and all(0 < r < 1 for r in rates.values())
+    runs = {}
+    for name, algorithm in (("dropped", make()), ("full", full())):
+        learner, _ = compiled(algorithm, model, state, xs.reshape(-1, 3))
+        ts = learner.init(batch_size=batch)
+        run = jax.jit(
+            lambda ts, learner=learner: etrace.online_grad(
+                learner, mse, model, ts, xs, ys
+            )[:2]
+        )
+        temp = run.lower(ts).compile().memory_analysis().temp_size_in_bytes
+        runs[name] = (ts, run(ts), temp)
+    ts, (grads, out), temp = runs["dropped"]
+    ts_full, (grads_full, out_full), temp_full = runs["full"]
+    filtered = {k: v for k, v in ts.traces.items() if isinstance(v, dict)}
+    # The spike's trace (the LIF layer's state not kept) is `None`, the membrane's
+    # is kept; the full traces keep both.
+    spike = {
+        k: [e is None for e in v["trace"]].index(True) for k, v in filtered.items()
+    }
+    assert filtered and all(
+        sum(e is None for e in v["trace"]) == 1 for v in filtered.values()
+    )
+    assert all(e is not None for k in filtered for e in ts_full.traces[k]["trace"])
+    assert same(grads, grads_full)[0]
+    assert jnp.abs(grads.linears[0].weight).max() > 0
+    for k, j in spike.items():
+        new, old = out.traces[k], out_full.traces[k]
+        assert same(new["filtered"], old["filtered"])[0]
+        assert same(new["trace"][1 - j], old["trace"][1 - j])[0]
+        assert jnp.abs(new["filtered"][j]).max() > 0
+    # One trace fewer per filtered unit, and no copy of the kept ones.
+    assert temp < temp_full
+
+
 @few
 @given(seed=seeds, n_out=st.integers(1, 7))
 def test_eprop_random_feedback_any_readout_width(seed, n_out):

@@ -163,6 +163,35 @@ def overrides(algorithm: Any, cls: type, *names: str) -> bool:
     return any(getattr(type(algorithm), n) is not getattr(cls, n) for n in names)
 
 
+def after(tree: PyTree, reads: PyTree) -> PyTree:
+    """`tree` with a zero computed from `reads` added to its float leaves, so that
+    XLA computes `tree` after `reads`.
+
+    Where a step reads a trace twice, to update it and for something else (a
+    read-out, another trace's update), XLA writes the updated trace over the
+    previous one only when it can tell that the other reader runs first;
+    otherwise it copies the previous trace at every step. The zero makes the
+    update depend on the other reader, and XLA fuses the addition into the
+    update. `tree` is returned unchanged where `reads` has no float entry."""
+    leaves = [
+        r
+        for r in jax.tree_util.tree_leaves(reads)
+        if jnp.issubdtype(jnp.result_type(r), jnp.inexact) and jnp.size(r)
+    ]
+    if not leaves:
+        return tree
+    probe = sum(jnp.real(jnp.ravel(r)[0]).astype(jnp.float32) for r in leaves)
+    # Zero, even where `reads` is not finite (an inf times zero is a NaN).
+    zero = jnp.where(jnp.isfinite(probe), probe * 0, 0)
+
+    def add(a: Any) -> Any:
+        if a is None or not jnp.issubdtype(jnp.result_type(a), jnp.inexact):
+            return a
+        return a + zero.astype(jnp.result_type(a))
+
+    return jax.tree_util.tree_map(add, tree)
+
+
 def batch_sum(a: Array) -> Array:
     """`a.sum(axis=0)`, written as additions of the batch's even and odd halves.
 

@@ -70,22 +70,25 @@ def diagonal_init(
     )
 
 
-def _recur(trace, D, drive, group=None, turned=False):
+def _recur(trace, D, drive, group=None, turned=False, every=False, base=None):
     """`new[k] = sum_j D[..., k, j] * trace[j] + drive(k)`, one element-wise
     expression per state that XLA fuses into a single pass over the trace. (A
     contraction over `K` inside an einsum, with `K` the minor axis, compiles to
     many tiny matrix products instead.) Terms that `group.coupling` says are
     structurally zero are left out: XLA cannot drop `0 * eps` itself (it is not
     zero for an infinite `eps`), and the previous trace of a state that no
-    state's update reads (a spike) is then not read at all."""
+    state's update reads (a spike) is then not read at all. A transient state's
+    trace that is not kept (`None`) stays `None`, or with `every` is computed from
+    the kept ones (which are all its update reads). With `base` (one array per
+    state), `new[k]` is `base[k] + drive(k)` plus the terms of `D`."""
     out = []
     for k in range(len(trace)):
-        if trace[k] is None:  # a transient state's trace, not kept
+        if trace[k] is None and not every:  # a transient state's trace, not kept
             out.append(None)
             continue
-        new = drive(k)
+        new = drive(k) if base is None else base[k] + drive(k)
         for j, eps in enumerate(trace):
-            if group is not None and not group.couples(k, j):
+            if eps is None or (group is not None and not group.couples(k, j)):
                 continue
             d = D[..., k, j]
             if turned:  # `(B, Fw, Fx)` against `(B, C, Fw, Fx)`
@@ -99,15 +102,17 @@ def _recur(trace, D, drive, group=None, turned=False):
     return tuple(out)
 
 
-def diagonal_update(trace, D, Df, x, group=None, turned=False):
+def diagonal_update(trace, D, Df, x, group=None, turned=False, every=False, base=None):
     """`eps = D eps + Df (x) x` in canonical layout: `trace` is one `(B, Fw, Fx, C)`
     array per state (`(B, C, Fw, Fx)` if `turned`), `D` is `(B, Fw, Fx, K, K)`, `Df`
     is `(B, Fw, Fx, K)` and `x` is `(B, Fx, C)`. With the `group`, structural zeros
-    of `D` are skipped."""
+    of `D` are skipped; `every` and `base` are `_recur`'s."""
     if turned:
         xt = jnp.swapaxes(x, -1, -2)[:, :, None]  # (B, C, 1, Fx)
-        return _recur(trace, D, lambda k: Df[:, None, ..., k] * xt, group, True)
-    return _recur(trace, D, lambda k: Df[..., k : k + 1] * x[:, None], group)
+        drive = lambda k: Df[:, None, ..., k] * xt  # noqa: E731
+        return _recur(trace, D, drive, group, True, every, base)
+    drive = lambda k: Df[..., k : k + 1] * x[:, None]  # noqa: E731
+    return _recur(trace, D, drive, group, False, every, base)
 
 
 def diagonal_readout(trace, signal, turned=False):

@@ -6,12 +6,13 @@ from typing import Any, ClassVar
 
 from .._errors import EtraceError
 from .._graph import Graph, Unit
-from .base import AbstractUnitAlgorithm, overrides
+from .base import AbstractUnitAlgorithm, after, overrides
 from .d_rtrl import (
     diagonal_init,
     diagonal_readout,
     diagonal_update,
     summed_diagonal_readout,
+    transient_states,
 )
 from .helpers import FixedRandomFeedback, KappaFilter
 
@@ -29,24 +30,42 @@ def feedback_of(feedback: Any) -> FixedRandomFeedback | None:
     )
 
 
-def filtered_init(graph: Graph, filt: Any) -> dict[str, Any]:
+def filtered_init(
+    graph: Graph, filt: Any, drop_transient: bool = True
+) -> dict[str, Any]:
     """D-RTRL traces; with a filter, `{"trace": ..., "filtered": ...}` for every
-    unit whose group feeds a downstream hidden group."""
+    unit whose group feeds a downstream hidden group.
+
+    The read-out reads only the filtered traces, and a transient state's trace
+    (a spike's, which no state's update reads) only feeds its filtered trace: with
+    `drop_transient` it is not kept (`None` in `"trace"`), but computed in each
+    update from the kept ones (`filtered_update`)."""
     out = {}
     for u in graph.units:
-        eps = diagonal_init(u)
         feeds = graph.downstream.get(u.group.name)
-        out[u.name] = (
-            {"trace": eps, "filtered": eps} if filt is not None and feeds else eps
-        )
+        if filt is None or not feeds:
+            out[u.name] = diagonal_init(u)
+            continue
+        untraced = transient_states(u.group) if drop_transient else ()
+        out[u.name] = {
+            "trace": diagonal_init(u, untraced),
+            "filtered": diagonal_init(u),
+        }
     return out
 
 
 def filtered_update(filt: Any, unit: Unit, trace: Any, D: Any, Df: Any, x: Any) -> Any:
-    if isinstance(trace, dict):
-        eps = diagonal_update(trace["trace"], D, Df, x, unit.group)
-        return {"trace": eps, "filtered": filt(trace["filtered"], eps)}
-    return diagonal_update(trace, D, Df, x, unit.group)
+    if not isinstance(trace, dict):
+        return diagonal_update(trace, D, Df, x, unit.group)
+    kept = trace["trace"]
+    # `kappa * filtered + eps` with the new `eps` written out from the previous
+    # traces, which both updates read: the kept traces are then updated after the
+    # filtered ones (`after`), so that XLA writes every trace in place, and a
+    # state not kept is never stored.
+    decayed = tuple(filt.kappa * f for f in trace["filtered"])
+    filtered = diagonal_update(kept, D, Df, x, unit.group, every=True, base=decayed)
+    eps = diagonal_update(kept, D, Df, x, unit.group)
+    return {"trace": after(eps, filtered), "filtered": filtered}
 
 
 def filtered_readout(trace: Any, signal: Any, summed: bool = False) -> Any:
@@ -108,7 +127,9 @@ class EProp(AbstractUnitAlgorithm):
             self.kappa = KappaFilter(kappa)
 
     def init(self, graph: Graph) -> dict[str, Any]:
-        return filtered_init(graph, self.kappa)
+        return filtered_init(
+            graph, self.kappa, not overrides(self, EProp, "update_unit")
+        )
 
     def init_unit(self, unit: Unit) -> Any:
         return diagonal_init(unit)

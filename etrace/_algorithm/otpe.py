@@ -70,7 +70,9 @@ class OTPE(AbstractUnitAlgorithm):
 
     def init(self, graph: Graph) -> dict[str, Any]:
         if not self.approx:
-            return filtered_init(graph, self.filter)
+            return filtered_init(
+                graph, self.filter, not overrides(self, OTPE, "update_unit")
+            )
         out = {}
         for u in graph.units:
             s = u.site
