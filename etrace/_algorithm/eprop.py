@@ -106,7 +106,8 @@ class EProp(AbstractUnitAlgorithm):
     pseudo-derivative at each step sits inside the filtered trace.
 
     Without filter and with symmetric feedback, e-prop is D-RTRL. Memory
-    $O(|W| K)$ per example, twice that for filtered groups.
+    $O(|W| K)$ per example; a filtered group keeps its $K$ filtered traces and the
+    traces of its states other than a spike (which only its filtered trace reads).
 
     **Arguments:**
 
