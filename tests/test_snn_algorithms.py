@@ -158,18 +158,16 @@ def test_eprop_kappa_equals_bptt_on_a_leaky_readout(seed, neuron):
     check(etrace.EProp(kappa=0.3), model, state, xs, ys, equal=True, params="out")
 
 
-def _textbook_update(kappa, trace, D, Df, x):
+def _textbook_update(filt, trace, D, Df, x):
     """A filtered unit's update written out: every state's trace
-    `eps_k = sum_j D_kj eps_j + Df_k x`, then `filtered_k = kappa filtered_k +
-    eps_k`."""
+    `eps_k = sum_j D_kj eps_j + Df_k x`, then `filtered = filt(filtered, eps)`."""
     eps = trace["trace"]
     new = tuple(
         sum(D[..., k, j][..., None] * eps[j] for j in range(len(eps)))
         + Df[..., k][..., None] * x[:, None]
         for k in range(len(eps))
     )
-    filtered = tuple(kappa * f + e for f, e in zip(trace["filtered"], new))
-    return {"trace": new, "filtered": filtered}
+    return {"trace": new, "filtered": filt(trace["filtered"], new)}
 
 
 class _FullEProp(etrace.EProp):
@@ -179,14 +177,21 @@ class _FullEProp(etrace.EProp):
     def update_unit(self, unit, trace, D, Df, x):
         if not isinstance(trace, dict):
             return super().update_unit(unit, trace, D, Df, x)
-        return _textbook_update(self.kappa.kappa, trace, D, Df, x)
+        return _textbook_update(self.kappa, trace, D, Df, x)
 
 
 class _FullOTPE(etrace.OTPE):
     def update_unit(self, unit, trace, D, Df, x):
         if not isinstance(trace, dict):
             return super().update_unit(unit, trace, D, Df, x)
-        return _textbook_update(self.decay, trace, D, Df, x)
+        return _textbook_update(self.filter, trace, D, Df, x)
+
+
+class _HalfInput(etrace.KappaFilter):
+    """A filter of its own: `kappa * filtered + e / 2`."""
+
+    def __call__(self, filtered, e):
+        return jax.tree.map(lambda f, v: self.kappa * f + 0.5 * v, filtered, e)
 
 
 @pytest.mark.parametrize("batch", [None, 4])
@@ -195,8 +200,13 @@ class _FullOTPE(etrace.OTPE):
     [
         (lambda: etrace.EProp(kappa=0.7), lambda: _FullEProp(kappa=0.7)),
         (lambda: etrace.OTPE(0.7), lambda: _FullOTPE(0.7)),
+        # A filter that replaces `KappaFilter.__call__` is the one applied.
+        (
+            lambda: etrace.EProp(kappa=_HalfInput(0.7)),
+            lambda: _FullEProp(kappa=_HalfInput(0.7)),
+        ),
     ],
-    ids=["eprop", "otpe"],
+    ids=["eprop", "otpe", "own-filter"],
 )
 def test_filtered_traces_keep_no_spike_trace_and_update_in_place(make, full, batch):
     # A filtered group's spike trace feeds only its filtered trace: it is not kept

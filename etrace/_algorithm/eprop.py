@@ -58,6 +58,11 @@ def filtered_update(filt: Any, unit: Unit, trace: Any, D: Any, Df: Any, x: Any) 
     if not isinstance(trace, dict):
         return diagonal_update(trace, D, Df, x, unit.group)
     kept = trace["trace"]
+    if overrides(filt, KappaFilter, "__call__"):  # a filter of its own
+        eps = diagonal_update(kept, D, Df, x, unit.group, every=True)
+        filtered = filt(trace["filtered"], eps)
+        eps = tuple(None if k is None else e for k, e in zip(kept, eps))
+        return {"trace": eps, "filtered": filtered}
     # `kappa * filtered + eps` with the new `eps` written out from the previous
     # traces, which both updates read: the kept traces are then updated after the
     # filtered ones (`after`), so that XLA writes every trace in place, and a
