@@ -14,6 +14,7 @@ from jaxtyping import Array, Int, PyTree
 
 from ._algorithm.base import AbstractAlgorithm
 from ._algorithm.d_rtrl import AbstractDiagonalAlgorithm, canonical, D_RTRL
+from ._algorithm.eprop import EProp
 from ._compiler import (
     _Leaf,
     analyse,
@@ -430,6 +431,8 @@ def _trace_view(algorithm: Any) -> Callable[[Any, Any], Any]:
     while algorithm is not None:
         if isinstance(algorithm, AbstractDiagonalAlgorithm):
             return canonical
+        if isinstance(algorithm, EProp):  # D-RTRL's traces, without a filter
+            return lambda unit, t: t if isinstance(t, dict) else canonical(unit, t)
         algorithm = getattr(algorithm, "inner", None)
     return lambda unit, trace: trace
 

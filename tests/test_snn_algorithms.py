@@ -141,6 +141,44 @@ def test_eprop_symmetric_without_filter_is_d_rtrl(seed, neuron, recurrent):
     check(etrace.EProp(), model, state, xs, ys, equal=not recurrent)
 
 
+def test_eprop_without_filter_keeps_d_rtrls_traces():
+    # Without a filter, e-prop's traces and read-out are D-RTRL's: the same trace
+    # state (no trace for a spike, a GRU's input weight stored turned and shown
+    # canonical by `trace_of`), the same gradients. Random feedback changes the
+    # learning signal only: the same traces, other gradients.
+    model, state = build(4, n=6, recurrent=True)
+    xs, ys = sequence(4)
+    rates = et.liveness(model, xs, state=state).rates
+    assert rates and all(0 < r < 1 for r in rates.values())
+    runs = {}
+    for name, algorithm in (
+        ("eprop", etrace.EProp()),
+        ("d_rtrl", etrace.D_RTRL()),
+        ("random", etrace.EProp(feedback="random")),
+    ):
+        learner, ts = compiled(algorithm, model, state, xs)
+        runs[name] = ts, etrace.online_grad(learner, mse, model, ts, xs, ys)[:2]
+    (ts, (grads, out)), (ts_d, (grads_d, out_d)) = runs["eprop"], runs["d_rtrl"]
+    assert jax.tree.structure(ts.traces) == jax.tree.structure(ts_d.traces)
+    assert any(None in t for t in ts.traces.values())  # the spike keeps none
+    assert same(grads, grads_d)[0] and same(out.traces, out_d.traces)[0]
+    assert jnp.abs(grads.linears[0].weight).max() > 0
+    ts_r, (grads_r, _) = runs["random"]
+    assert jax.tree.structure(ts_r.traces) == jax.tree.structure(ts_d.traces)
+    assert not same(grads_r.linears[0].weight, grads.linears[0].weight, 1e-3)[0]
+
+    gru, gru_state = et.build("gru", 3, 6, 2, seed=0)
+    views = {}
+    for name, algorithm in (("eprop", etrace.EProp()), ("d_rtrl", etrace.D_RTRL())):
+        learner, ts = etrace.compile(gru, xs[0], state=gru_state, algorithm=algorithm)
+        ts = etrace.online_grad(learner, mse, gru, ts, xs, ys)[1]
+        views[name] = ts, learner.trace_of(ts, lambda m: m.cell.weight_ih)
+    (ts, view), (_, view_d) = views["eprop"], views["d_rtrl"]
+    stored = next(v for k, v in ts.traces.items() if k.startswith("cell.weight_ih"))
+    assert stored[0].shape != view["h"][0][0].shape  # stored turned
+    assert same(view, view_d)[0]
+
+
 @few
 @given(seed=seeds, neuron=neurons)
 def test_eprop_kappa_equals_bptt_on_a_leaky_readout(seed, neuron):

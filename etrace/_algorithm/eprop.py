@@ -8,6 +8,7 @@ from .._errors import EtraceError
 from .._graph import Graph, Unit
 from .base import AbstractUnitAlgorithm, after, overrides
 from .d_rtrl import (
+    D_RTRL,
     diagonal_init,
     diagonal_readout,
     diagonal_update,
@@ -110,9 +111,11 @@ class EProp(AbstractUnitAlgorithm):
     leaf of the group (the spike, for `etrace.nn` neurons), so that the neuron's
     pseudo-derivative at each step sits inside the filtered trace.
 
-    Without filter and with symmetric feedback, e-prop is D-RTRL. Memory
-    $O(|W| K)$ per example; a filtered group keeps its $K$ filtered traces and the
-    traces of its states other than a spike (which only its filtered trace reads).
+    Without filter and with symmetric feedback, e-prop is D-RTRL; without filter,
+    its traces and read-out are `etrace.D_RTRL`'s (its layouts, and no trace for a
+    spike), whatever the feedback. Memory $O(|W| K)$ per example; a filtered group
+    keeps its $K$ filtered traces and the traces of its states other than a spike
+    (which only its filtered trace reads).
 
     **Arguments:**
 
@@ -132,10 +135,47 @@ class EProp(AbstractUnitAlgorithm):
         else:
             self.kappa = KappaFilter(kappa)
 
+    def _unfiltered(self) -> D_RTRL | None:
+        """D-RTRL, whose traces and read-out e-prop's are without a filter (the
+        feedback changes the learning signal, not the traces): it then keeps
+        D-RTRL's layouts and reads out a spiking layer from the traces before the
+        update, with no trace for the spike. `None` with a filter, or where a
+        subclass replaces a method of the traces."""
+        if self.kappa is not None or overrides(self, EProp, *_TRACE_METHODS):
+            return None
+        return D_RTRL()
+
     def init(self, graph: Graph) -> dict[str, Any]:
+        plain = self._unfiltered()
+        if plain is not None:
+            return plain.init(graph)
         return filtered_init(
             graph, self.kappa, not overrides(self, EProp, "update_unit")
         )
+
+    def update(self, graph, traces, jac):
+        plain = self._unfiltered()
+        if plain is not None:
+            return plain.update(graph, traces, jac)
+        return super().update(graph, traces, jac)
+
+    def gradients(self, graph, traces, signal, jac):
+        plain = self._unfiltered()
+        if plain is not None:
+            return plain.gradients(graph, traces, signal, jac)
+        return super().gradients(graph, traces, signal, jac)
+
+    def summed_gradients(self, graph, traces, signal, jac):
+        plain = self._unfiltered()
+        if plain is not None:
+            return plain.summed_gradients(graph, traces, signal, jac)
+        return super().summed_gradients(graph, traces, signal, jac)
+
+    def gradients_from_previous(self, graph, traces, signal, jac, *, summed=False):
+        plain = self._unfiltered()
+        if plain is None:
+            return None
+        return plain.gradients_from_previous(graph, traces, signal, jac, summed=summed)
 
     def init_unit(self, unit: Unit) -> Any:
         return diagonal_init(unit)
@@ -152,3 +192,16 @@ class EProp(AbstractUnitAlgorithm):
         if overrides(self, EProp, "gradient_unit"):
             return None
         return filtered_readout(trace, signal, summed=True)
+
+
+_TRACE_METHODS = (
+    "init",
+    "init_unit",
+    "update",
+    "update_unit",
+    "gradients",
+    "gradient_unit",
+    "summed_gradients",
+    "summed_gradient_unit",
+    "gradients_from_previous",
+)
