@@ -8,6 +8,7 @@ from .._errors import EtraceError
 from .._graph import Graph, Unit
 from .base import AbstractUnitAlgorithm, after, overrides
 from .d_rtrl import (
+    _DIAGONAL_METHODS,
     D_RTRL,
     diagonal_init,
     diagonal_readout,
@@ -194,14 +195,5 @@ class EProp(AbstractUnitAlgorithm):
         return filtered_readout(trace, signal, summed=True)
 
 
-_TRACE_METHODS = (
-    "init",
-    "init_unit",
-    "update",
-    "update_unit",
-    "gradients",
-    "gradient_unit",
-    "summed_gradients",
-    "summed_gradient_unit",
-    "gradients_from_previous",
-)
+# The methods of the traces and their read-out, which `D_RTRL` has too.
+_TRACE_METHODS = ("init", "init_unit", *_DIAGONAL_METHODS, "gradients_from_previous")
