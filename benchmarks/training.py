@@ -7,7 +7,8 @@ inside the scan and accumulated; `D-RTRL/bf16` is D-RTRL with its traces stored
 in bfloat16 through `etrace.ReducedPrecision`) or from `etrace.bptt_grad`
 (back-propagation through time), on the same model in the same run, in float32.
 `e-prop` (LIF network only) is `etrace.EProp` with its filter `kappa` set to the
-leaky readout's leak, as in `examples/evidence_accumulation.py`.
+leaky readout's leak, as in `examples/evidence_accumulation.py`; `e-prop/no-filter`
+(LIF network only) is `etrace.EProp()`.
 Two model families (sizes in `benchmarks/configs.py`):
 
 * GRU: `eqx.nn.GRUCell` with an `eqx.nn.Linear` readout, H = 64, 128, 256,
@@ -69,6 +70,7 @@ import etrace.nn as enn
 RESULTS = pathlib.Path(__file__).parent / "results" / "training.json"
 BF16 = "D-RTRL/bf16"
 EPROP = "e-prop"
+EPROP_PLAIN = "e-prop/no-filter"
 
 
 class GRUNet(eqx.Module):
@@ -147,6 +149,8 @@ def algorithms() -> dict[str, etrace.AbstractAlgorithm]:
         BF16: etrace.ReducedPrecision(etrace.D_RTRL(), jnp.bfloat16),
         # The readout's leak `exp(-1/tau)`, tau = 20 steps (`SpikingNet.output`).
         EPROP: etrace.EProp(kappa=math.exp(-1 / 20.0)),
+        # e-prop without a filter (its traces and read-out are D-RTRL's).
+        EPROP_PLAIN: etrace.EProp(),
     }
 
 
@@ -221,7 +225,7 @@ def measure(config: Config, names: Sequence[str], count: int) -> list[dict[str, 
     x0 = jnp.zeros(config.family.inputs, jnp.float32)
     rows = []
     for name in names:
-        if name == EPROP and config.family.name != "LIF":
+        if name in (EPROP, EPROP_PLAIN) and config.family.name != "LIF":
             continue  # a filter for a leaky readout, which only the LIF network has
         extra: dict[str, Any] = {}
         if name == "BPTT":
@@ -275,7 +279,7 @@ def write_record(
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_size_options(parser, extra=(BF16, EPROP))
+    add_size_options(parser, extra=(BF16, EPROP, EPROP_PLAIN))
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="JSON path")
     args = parser.parse_args(argv)
     count = repeats(args)
