@@ -225,6 +225,16 @@ class _FullOTPE(etrace.OTPE):
         return _textbook_update(self.filter, trace, D, Df, x)
 
 
+class _ReadsUpdated(etrace.AbstractWrappedAlgorithm):
+    """The same algorithm behind a wrapper that reads out from the updated
+    traces: its `init` asks for every trace."""
+
+    inner: etrace.AbstractAlgorithm
+
+    def gradients(self, graph, traces, signal, jac):
+        return self.inner.gradients(graph, traces, signal, jac)
+
+
 class _HalfInput(etrace.KappaFilter):
     """A filter of its own: `kappa * filtered + e / 2`."""
 
@@ -259,7 +269,8 @@ def test_filtered_traces_keep_no_spike_trace_and_update_in_place(make, full, bat
     rates = et.liveness(model, xs.reshape(-1, 3), state=state).rates
     assert rates and all(0 < r < 1 for r in rates.values())
     runs = {}
-    for name, algorithm in (("dropped", make()), ("full", full())):
+    cases = (("dropped", make()), ("full", full()), ("wrapped", _ReadsUpdated(make())))
+    for name, algorithm in cases:
         learner, _ = compiled(algorithm, model, state, xs.reshape(-1, 3))
         ts = learner.init(batch_size=batch)
         run = jax.jit(
@@ -282,6 +293,13 @@ def test_filtered_traces_keep_no_spike_trace_and_update_in_place(make, full, bat
     )
     assert all(e is not None for k in filtered for e in ts_full.traces[k]["trace"])
     assert same(grads, grads_full)[0]
+    # A wrapper that reads the updated traces itself is given every trace, and
+    # the update with them all kept is the same.
+    ts_wrapped, (grads_wrapped, out_wrapped), _ = runs["wrapped"]
+    for k in filtered:
+        assert all(e is not None for e in ts_wrapped.traces[k]["trace"])
+        assert same(out_wrapped.traces[k], out_full.traces[k])[0]
+    assert same(grads_wrapped, grads_full)[0]
     assert jnp.abs(grads.linears[0].weight).max() > 0
     for k, j in spike.items():
         new, old = out.traces[k], out_full.traces[k]

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from .._errors import EtraceError
 from .._graph import Graph, Unit
-from .base import AbstractUnitAlgorithm, after, overrides
+from .base import AbstractUnitAlgorithm, after, keeps_full_traces, overrides
 from .d_rtrl import (
     _DIAGONAL_METHODS,
     D_RTRL,
@@ -41,14 +41,16 @@ def filtered_init(
     The read-out reads only the filtered traces, and a transient state's trace
     (a spike's, which no state's update reads) only feeds its filtered trace: with
     `drop_transient` it is not kept (`None` in `"trace"`), but computed in each
-    update from the kept ones (`filtered_update`)."""
+    update from the kept ones (`filtered_update`). Under `full_traces` (a wrapper
+    that reads the updated traces itself) every trace is kept."""
     out = {}
     for u in graph.units:
         feeds = graph.downstream.get(u.group.name)
         if filt is None or not feeds:
             out[u.name] = diagonal_init(u)
             continue
-        untraced = transient_states(u.group) if drop_transient else ()
+        drop = drop_transient and not keeps_full_traces()
+        untraced = transient_states(u.group) if drop else ()
         out[u.name] = {
             "trace": diagonal_init(u, untraced),
             "filtered": diagonal_init(u),
