@@ -11,6 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, Float, PyTree
 
 from ._algorithm.base import after
@@ -38,6 +39,15 @@ def _length(xs: Any, targets: Any, mask: Any) -> int:
             f"{jnp.shape(mask)}."
         )
     return length
+
+
+def _default_mask(xs: Any, targets: Any, mask: Any) -> Any:
+    """Weight 1 for every step unless given. Made inside the compiled program,
+    where it costs no memory: passed in, it would be a buffer of the sequence's
+    length."""
+    if mask is None:
+        return jnp.ones(_length(xs, targets, mask), jnp.float32)
+    return jnp.asarray(mask)
 
 
 def _batch_size(tree: Any, axis: int, what: str) -> int:
@@ -120,11 +130,8 @@ def online_grad(
     non-float leaves), the trace state after the last step, and the unweighted loss
     of each step, shape `(T,)`.
     """
-    length = _length(xs, targets, mask)
-    mask = jnp.ones(length, jnp.float32) if mask is None else jnp.asarray(mask)
-    batched = jnp.ndim(trace_state.t) == 1
-    size = 1
-    if batched:
+    _length(xs, targets, mask)
+    if jnp.ndim(trace_state.t) == 1:
         size = int(jnp.shape(trace_state.t)[0])
         for what, tree in (("xs", xs), ("targets", targets)):
             if _batch_size(tree, 1, what) != size:
@@ -132,6 +139,18 @@ def online_grad(
                     f"The trace state has batch size {size}, but `{what}` has "
                     f"{_batch_size(tree, 1, what)} on axis 1."
                 )
+    return _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask)
+
+
+# One program for the whole sequence, called eagerly or inside the caller's `jit`:
+# run eagerly, the scan and the bookkeeping around it would each compile apart.
+@eqx.filter_jit
+def _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask):
+    mask = _default_mask(xs, targets, mask)
+    batched = jnp.ndim(trace_state.t) == 1
+    size = 1
+    if batched:
+        size = int(jnp.shape(trace_state.t)[0])
         step = jax.vmap(learner.step, in_axes=(None, 0, 0, 0))
 
         def loss_of_step(y: Any, target: Any) -> Any:
@@ -216,8 +235,13 @@ def bptt_grad(
 
     `(grads, losses)`: model-shaped gradients and each step's unweighted loss.
     """
-    length = _length(xs, targets, mask)
-    mask = jnp.ones(length, jnp.float32) if mask is None else jnp.asarray(mask)
+    _length(xs, targets, mask)
+    return _bptt_grad(loss_fn, model, state, xs, targets, mask, batched)
+
+
+@eqx.filter_jit
+def _bptt_grad(loss_fn, model, state, xs, targets, mask, batched):
+    mask = _default_mask(xs, targets, mask)
     leaves, treedef = jtu.tree_flatten(state)
 
     def total(model):
@@ -273,12 +297,14 @@ def gradient_table(online: Any, bptt: Any) -> dict[str, tuple[float, ...]]:
     pairs = jtu.tree_flatten_with_path(online)[0]
     other = jtu.tree_leaves(bptt)
     for (path, a), b in zip(pairs, other):
-        a = jnp.ravel(jnp.asarray(a))
-        b = jnp.ravel(jnp.asarray(b))
-        na = float(jnp.linalg.norm(a))
-        nb = float(jnp.linalg.norm(b))
-        err = float(jnp.linalg.norm(a - b)) / nb if nb > 0 else float(na > 0)
-        cos = float(jnp.dot(a, b)) / (na * nb) if na > 0 and nb > 0 else float(na == nb)
+        # In NumPy: eager JAX would compile each of these small reductions for
+        # every leaf shape.
+        a = np.ravel(np.asarray(a, np.float64))
+        b = np.ravel(np.asarray(b, np.float64))
+        na = float(np.linalg.norm(a))
+        nb = float(np.linalg.norm(b))
+        err = float(np.linalg.norm(a - b)) / nb if nb > 0 else float(na > 0)
+        cos = float(np.dot(a, b)) / (na * nb) if na > 0 and nb > 0 else float(na == nb)
         rows[keystr(path)] = (err, cos, na, nb)
     return rows
 

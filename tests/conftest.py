@@ -6,6 +6,21 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _compilation_cache(tmp_path_factory):
+    """A compilation cache on disk for this run. The tests build the same small
+    programs again and again (a layer's random initialisation, a family's step,
+    in other tests and other modules); from the cache they load in milliseconds
+    instead of compiling for a second. It starts empty (nothing carries over from
+    an earlier run) and is each worker's own: JAX writes an entry without a lock
+    unless the cache has a size limit, and with one it rescans the whole
+    directory on every write."""
+    path = tmp_path_factory.getbasetemp() / "compiled"
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
 @pytest.fixture
 def key():
     return jax.random.key(5678)

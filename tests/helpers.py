@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import pytest
+from hypothesis import given, settings
 
 import etrace
 from etrace.testing._families import (  # noqa: F401
@@ -44,6 +46,25 @@ ALGORITHMS = {
     "f_otpe": etrace.OTPE(0.7, approx=True),
     "osttp": etrace.OSTTP(recurrent=True),
 }
+
+
+def sweep(fast: int, slow: int, **strategies):
+    """One property as two tests: `fast` examples in the default run and `slow`
+    under the `slow` marker (`nox -s slow`).
+
+    Each example compiles its own programs (seconds each), so the default run
+    keeps a few for breadth and the slow run searches wider::
+
+        test_x, test_x_sweep = sweep(4, 40, n=st.integers(1, 5))(_check_x)
+    """
+
+    def make(check):
+        def with_budget(n):
+            return settings(max_examples=n, deadline=None)(given(**strategies)(check))
+
+        return with_budget(fast), pytest.mark.slow(with_budget(slow))
+
+    return make
 
 
 def mse(y, target):
@@ -81,18 +102,22 @@ def per_step_grads(learner, loss_fn, model, trace_state, xs, ys, reset_traces=Fa
     loss is the batch mean, as in `etrace.online_grad`."""
     batched = jnp.ndim(trace_state.t) == 1
     step = jax.vmap(learner.step, (None, 0, 0)) if batched else learner.step
+
+    # One compiled step, called once per time step (eagerly, every primitive of
+    # the step would compile apart).
+    @eqx.filter_jit
+    @eqx.filter_grad(has_aux=True)
+    def grad_of_step(m, ts, x, y):
+        out, ts = step(m, ts, x)
+        if batched:
+            return jnp.mean(jax.vmap(loss_fn)(out, y)), ts
+        return loss_fn(out, y), ts
+
     total = None
     for x, y in zip(xs, ys):
         if reset_traces:
             zero = learner.reset(trace_state)
             trace_state = etrace.TraceState(trace_state.state, zero.traces, zero.t)
-
-        def loss(m, ts=trace_state, x=x, y=y):
-            out, ts = step(m, ts, x)
-            if batched:
-                return jnp.mean(jax.vmap(loss_fn)(out, y)), ts
-            return loss_fn(out, y), ts
-
-        g, trace_state = eqx.filter_grad(loss, has_aux=True)(model)
+        g, trace_state = grad_of_step(model, trace_state, x, y)
         total = g if total is None else jtu.tree_map(jnp.add, total, g)
     return total, trace_state

@@ -23,6 +23,7 @@ from .helpers import (
     mse,
     per_step_grads,
     Stack,
+    sweep,
     VanillaRNN,
 )
 
@@ -48,12 +49,7 @@ def _online_and_bptt(family, n_in, hidden, seed, length, check=assume, **kwargs)
     return model, learner, ts, xs, ys, online, exact
 
 
-@settings(max_examples=8, deadline=None)
-@given(
-    case=et.model_families(("leaky", "lif", "alif"), inputs=(1, 5), hidden=(1, 5)),
-    data=st.data(),
-)
-def test_d_rtrl_equals_bptt_elementwise_recurrence(case, data):
+def _check_elementwise_recurrence(case, data):
     model, state = case.build()
     seq = data.draw(et.sequences(case, length=(2, 8)))
     assume(et.liveness(model, seq.xs, state=state).live)
@@ -69,6 +65,17 @@ def test_d_rtrl_equals_bptt_elementwise_recurrence(case, data):
     assert max(leaf_errors(truncated, exact).values()) > 1e-6
 
 
+(
+    test_d_rtrl_equals_bptt_elementwise_recurrence,
+    test_d_rtrl_equals_bptt_elementwise_recurrence_sweep,
+) = sweep(
+    3,
+    40,
+    case=et.model_families(("leaky", "lif", "alif"), inputs=(1, 5), hidden=(1, 5)),
+    data=st.data(),
+)(_check_elementwise_recurrence)
+
+
 def test_d_rtrl_equals_bptt_with_custom_vjp_surrogate():
     model, learner, ts, xs, ys, online, exact = _online_and_bptt(
         LIFNet, 3, 5, 7, 10, check=_require, use_vjp=True
@@ -79,14 +86,15 @@ def test_d_rtrl_equals_bptt_with_custom_vjp_surrogate():
     assert max(float(jnp.max(jnp.abs(x))) for x in leaves) > 0
 
 
-@settings(max_examples=8, deadline=None)
-@given(
+small = dict(
     n_in=sizes,
     hidden=st.integers(2, 5),
     seed=st.integers(0, 10_000),
     length=st.integers(3, 8),
 )
-def test_two_layer_stack_top_exact_bottom_differs(n_in, hidden, seed, length):
+
+
+def _check_two_layer_stack(n_in, hidden, seed, length):
     model, state = build(Stack, n_in, hidden, 2, seed)
     xs, ys = data(seed, length, n_in, 2)
     assume(et.liveness(model, xs, state=state).live)
@@ -103,14 +111,13 @@ def test_two_layer_stack_top_exact_bottom_differs(n_in, hidden, seed, length):
     et.assert_differs_from_bptt(learner, mse, model, ts, xs, ys, params="l1")
 
 
-@settings(max_examples=8, deadline=None)
-@given(
-    n_in=sizes,
-    hidden=st.integers(2, 5),
-    seed=st.integers(0, 10_000),
-    length=st.integers(3, 8),
-)
-def test_vanilla_rnn_with_recurrent_weight_differs(n_in, hidden, seed, length):
+(
+    test_two_layer_stack_top_exact_bottom_differs,
+    test_two_layer_stack_top_exact_bottom_differs_sweep,
+) = sweep(3, 40, **small)(_check_two_layer_stack)
+
+
+def _check_vanilla_rnn(n_in, hidden, seed, length):
     model, state = build(VanillaRNN, n_in, hidden, 2, seed)
     xs, ys = data(seed, length, n_in, 2)
     learner, ts = etrace.compile(model, xs[0], state=state)
@@ -119,6 +126,12 @@ def test_vanilla_rnn_with_recurrent_weight_differs(n_in, hidden, seed, length):
     et.assert_differs_from_bptt(
         learner, mse, model, ts, xs, ys, params="rec", rtol=1e-4
     )
+
+
+(
+    test_vanilla_rnn_with_recurrent_weight_differs,
+    test_vanilla_rnn_with_recurrent_weight_differs_sweep,
+) = sweep(3, 40, **small)(_check_vanilla_rnn)
 
 
 @pytest.mark.slow

@@ -54,13 +54,15 @@ from hypothesis import given, settings  # noqa: E402
 
 import etrace  # noqa: E402
 
+from .helpers import sweep  # noqa: E402
+
 
 RTOL = 1e-9
 # A negative control "fails" when its relative error exceeds this (far above RTOL, so a
 # failing control is not a rounding accident).
 FAIL = 1e-6
 
-hyp = settings(max_examples=10, deadline=None)
+hyp = settings(max_examples=6, deadline=None)
 sizes = dict(
     hidden=st.integers(2, 6),
     n_in=st.integers(1, 4),
@@ -331,7 +333,9 @@ def my_bptt(model, state0, xs, targets):
             total = total + loss_fn(y, tgt)
         return total
 
-    return eqx.filter_grad(total_loss)(model)
+    # Compiled as one program: eagerly, each primitive of the unrolled loop and
+    # of its transpose would compile apart.
+    return eqx.filter_jit(eqx.filter_grad(total_loss))(model)
 
 
 # ----------------------------------------- self-checks of the hand formulas (no etrace)
@@ -379,7 +383,7 @@ def test_gru_hand_jacobians_match_autodiff(hidden, n_in, seed):
     )
     h_new, D, df_ih, df_hh, df_b, df_bn = gru_tail_hand(*map(npy, args))
     np.testing.assert_allclose(h_new, cell(x, h0), rtol=1e-13, atol=1e-14)
-    J = jax.jacfwd(_gru_tail_jnp, argnums=(0, 1, 2, 3, 4))(*args)
+    J = jax.jit(jax.jacfwd(_gru_tail_jnp, argnums=(0, 1, 2, 3, 4)))(*args)
     J = [npy(j) for j in J]
     for Jx, hand, c in ((J[0], df_ih, 3), (J[1], df_hh, 3), (J[2], df_b, 3)):
         on, off = _diag_block(Jx, hidden, c)
@@ -407,7 +411,7 @@ def test_lstm_hand_jacobians_match_autodiff(hidden, n_in, seed):
     h_new, c_new, D, Df = lstm_tail_hand(*map(npy, args))
     np.testing.assert_allclose(h_new, ref_h, rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(c_new, ref_c, rtol=1e-13, atol=1e-14)
-    J = jax.jacfwd(_lstm_tail_jnp, argnums=(0, 1, 2, 3, 4))(*args)  # J[k_out][arg]
+    J = jax.jit(jax.jacfwd(_lstm_tail_jnp, argnums=(0, 1, 2, 3, 4)))(*args)  # [k][arg]
     for k in range(2):
         for a in range(3):  # yi, yh, bias: all enter as the same sum
             on, off = _diag_block(npy(J[k][a]), hidden, 4)
@@ -419,9 +423,7 @@ def test_lstm_hand_jacobians_match_autodiff(hidden, n_in, seed):
             np.testing.assert_array_equal(off, 0.0)
 
 
-@hyp
-@given(**sizes)
-def test_hand_drtrl_is_exact_without_recurrent_weights(hidden, n_in, length, seed):
+def _check_hand_drtrl_exact(hidden, n_in, length, seed):
     """With W_hh = 0 the recurrence is element-wise, so hand D-RTRL must equal BPTT
     (computed here by jax.grad, independently of etrace) for every parameter, W_hh
     included; with W_hh != 0 it must not. This checks the hand loops, not etrace."""
@@ -439,6 +441,12 @@ def test_hand_drtrl_is_exact_without_recurrent_weights(hidden, n_in, length, see
         bptt = as_dict(family, my_bptt(model, state0, xs, targets))
         errs = errors(hand, bptt)
         assert errs["weight_hh"] > FAIL and errs["weight_ih"] > FAIL, (family, errs)
+
+
+(
+    test_hand_drtrl_is_exact_without_recurrent_weights,
+    test_hand_drtrl_is_exact_without_recurrent_weights_sweep,
+) = sweep(4, 30, **sizes)(_check_hand_drtrl_exact)
 
 
 # ---------------------------------------------------------------- etrace vs the hand
@@ -507,13 +515,17 @@ def check_against_hand(family, hidden, n_in, length, seed):
     assert errs["readout.weight"] <= RTOL and errs["readout.bias"] <= RTOL, errs
 
 
-@hyp
-@given(**sizes)
-def test_gru_drtrl_equals_hand(hidden, n_in, length, seed):
+def _check_gru(hidden, n_in, length, seed):
     check_against_hand("gru", hidden, n_in, length, seed)
 
 
-@hyp
-@given(**sizes)
-def test_lstm_drtrl_equals_hand(hidden, n_in, length, seed):
+def _check_lstm(hidden, n_in, length, seed):
     check_against_hand("lstm", hidden, n_in, length, seed)
+
+
+test_gru_drtrl_equals_hand, test_gru_drtrl_equals_hand_sweep = sweep(4, 30, **sizes)(
+    _check_gru
+)
+test_lstm_drtrl_equals_hand, test_lstm_drtrl_equals_hand_sweep = sweep(4, 30, **sizes)(
+    _check_lstm
+)

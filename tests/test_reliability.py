@@ -29,7 +29,8 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 @pytest.fixture(scope="module")
 def sharded_report():
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    devices = "--xla_force_host_platform_device_count=4"
+    flags = f"{os.environ.get('XLA_FLAGS', '')} {devices}"
     env = dict(os.environ, XLA_FLAGS=flags.strip())
     out = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "sharded_check.py")],

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume
 
 import etrace
 import etrace.testing as et
 
-from .helpers import data, f64, LIF, mse, spike
+from .helpers import data, f64, LIF, mse, spike, sweep
 
 
 class TwoLayerTanh(eqx.Module):
@@ -74,15 +74,7 @@ def _model(family, n_in, hidden, seed):
 FAMILIES = ["two_layer_tanh", "gru", "lstm", "recurrent_lif", "stack", "alif"]
 
 
-@settings(max_examples=10, deadline=None)
-@given(
-    family=st.sampled_from(FAMILIES),
-    n_in=st.integers(1, 3),
-    hidden=st.integers(1, 4),
-    seed=st.integers(0, 10_000),
-    length=st.integers(2, 6),
-)
-def test_rtrl_equals_bptt(family, n_in, hidden, seed, length):
+def _check_rtrl_equals_bptt(family, n_in, hidden, seed, length):
     model, state = _model(family, n_in, hidden, seed)
     xs, ys = data(seed, length, n_in, 2, scale=2.0)
     assume(
@@ -92,6 +84,19 @@ def test_rtrl_equals_bptt(family, n_in, hidden, seed, length):
     learner, ts = etrace.compile(model, xs[0], state=state, algorithm=etrace.RTRL())
     assert et.exact_regime(etrace.RTRL(), learner)
     et.assert_matches_bptt(learner, mse, model, ts, xs, ys, require_live=False)
+
+
+# Every family in the default run, one drawn example each; wider in the slow one.
+_fast, _slow = sweep(
+    1,
+    8,
+    n_in=st.integers(1, 3),
+    hidden=st.integers(1, 4),
+    seed=st.integers(0, 10_000),
+    length=st.integers(2, 6),
+)(_check_rtrl_equals_bptt)
+test_rtrl_equals_bptt = pytest.mark.parametrize("family", FAMILIES)(_fast)
+test_rtrl_equals_bptt_sweep = pytest.mark.parametrize("family", FAMILIES)(_slow)
 
 
 class NoHistory(etrace.RTRL):

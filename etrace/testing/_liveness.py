@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -85,7 +86,7 @@ def liveness(model: Any, xs: Any, *, state: Any = None) -> Liveness:
     dyn, _, _ = split_model(model)
     state_leaves, state_def = jtu.tree_flatten(state)
 
-    def body(leaves, x):
+    def body(dyn, leaves, x):
         env = dict(program.consts)
         env.update(zip(program.invars, list(dyn) + list(leaves) + jtu.tree_leaves(x)))
         _ir.evaluate(program, range(len(program.eqns)), env)
@@ -106,18 +107,24 @@ def liveness(model: Any, xs: Any, *, state: Any = None) -> Liveness:
                 stats.append((jnp.mean(out), binary))
         return new, stats
 
+    def run(dyn, leaves, xs):
+        _, stats = jax.lax.scan(functools.partial(body, dyn), leaves, xs)
+        return [(jnp.mean(value), jnp.all(binary)) for value, binary in stats]
+
+    # One program (the scan and its reductions), fetched at once; the weights are
+    # its arguments, not constants baked into it.
     leaves = [jnp.asarray(a) for a in state_leaves]
-    _, stats = jax.lax.scan(body, leaves, xs)
+    stats = jax.device_get(jax.jit(run)(list(dyn), leaves, xs))
     rates: dict[str, float] = {}
     saturation: dict[str, float] = {}
     for (i, e), (value, binary) in zip(watched, stats):
         where = e.source.strip() or f"equation {i}"
         if e.name in _SATURATING:
             name = "sigmoid" if e.name == "logistic" else e.name
-            _unique(saturation, f"{name} at {where}", float(jnp.mean(value)))
-        elif bool(jnp.all(binary)):
+            _unique(saturation, f"{name} at {where}", float(value))
+        elif bool(binary):
             fn = e.params.get("name", e.name)
-            _unique(rates, f"{fn} at {where}", float(jnp.mean(value)))
+            _unique(rates, f"{fn} at {where}", float(value))
     return Liveness(rates, saturation)
 
 
