@@ -16,7 +16,9 @@ def tests(session: nox.Session) -> None:
     """The test suite without the slow sweeps."""
     session.install("-e", ".[tests]")
     # One worker per core (at most 4): the tests are independent, and most of
-    # their time is single-threaded tracing and compilation.
+    # their time is single-threaded tracing and compilation. Each file runs on
+    # one worker, whose compilation cache then serves the whole file (its tests
+    # build the same models again and again).
     session.run(
         "pytest",
         "-m",
@@ -25,6 +27,8 @@ def tests(session: nox.Session) -> None:
         "auto",
         "--maxprocesses",
         "4",
+        "--dist",
+        "loadfile",
         *session.posargs,
     )
 

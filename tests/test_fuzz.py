@@ -290,7 +290,7 @@ _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
 
 @settings(
-    max_examples=8,
+    max_examples=4,
     deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=_HEALTH,
