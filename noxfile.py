@@ -16,9 +16,7 @@ def tests(session: nox.Session) -> None:
     """The test suite without the slow sweeps."""
     session.install("-e", ".[tests]")
     # One worker per core (at most 4): the tests are independent, and most of
-    # their time is single-threaded tracing and compilation. Each file runs on
-    # one worker, whose compilation cache then serves the whole file (its tests
-    # build the same models again and again).
+    # their time is single-threaded tracing and compilation.
     session.run(
         "pytest",
         "-m",
@@ -27,8 +25,6 @@ def tests(session: nox.Session) -> None:
         "auto",
         "--maxprocesses",
         "4",
-        "--dist",
-        "loadfile",
         *session.posargs,
     )
 

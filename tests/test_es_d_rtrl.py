@@ -27,7 +27,7 @@ class Memoryless(eqx.Module):
         return self.readout(h), h
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(
     n_in=st.integers(1, 4),
     hidden=st.integers(1, 5),
@@ -83,7 +83,7 @@ def _by_hand(model, xs, ys, a, correct):
 
 
 @pytest.mark.parametrize("correct", [False, True])
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(
     n_in=st.integers(1, 4),
     hidden=st.integers(1, 5),

@@ -117,7 +117,7 @@ neurons = st.sampled_from(["lif", "alif"])
 # Each example compiles and runs two gradient oracles: few examples, and no
 # shrinking (a failing seed is already minimal).
 few = settings(
-    max_examples=3,
+    max_examples=2,
     deadline=None,
     phases=(Phase.explicit, Phase.reuse, Phase.generate),
 )

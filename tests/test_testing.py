@@ -124,7 +124,7 @@ def test_float64_context_restores():
     assert jax.config.read("jax_enable_x64") == before
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(case=et.model_families(("gru", "lstm", "rnn")), algorithm=et.algorithms())
 def test_strategies_draw_readable_cases(case, algorithm):
     assert "seed=" in repr(case)
