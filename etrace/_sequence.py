@@ -41,6 +41,23 @@ def _length(xs: Any, targets: Any, mask: Any) -> int:
     return length
 
 
+def _check_loss_fn(loss_fn: Any) -> None:
+    """`online_grad` and `bptt_grad` compile with `loss_fn` as a static argument
+    (its arrays, if it holds any, traced): the rest of it must be hashable."""
+    for leaf in jtu.tree_leaves(loss_fn):
+        if eqx.is_array(leaf):
+            continue
+        try:
+            hash(leaf)
+        except TypeError:
+            raise EtraceError(
+                f"`loss_fn` is (or holds) an unhashable {type(leaf).__name__}; "
+                "the sequence is compiled with it as a static argument. Pass a "
+                "plain function, a `functools.partial`, or an `eqx.Module` with "
+                "`__call__` instead."
+            ) from None
+
+
 def _default_mask(xs: Any, targets: Any, mask: Any) -> Any:
     """Weight 1 for every step unless given. Made inside the compiled program,
     where it costs no memory: passed in, it would be a buffer of the sequence's
@@ -116,6 +133,9 @@ def online_grad(
 
     - `learner`: from `etrace.compile`.
     - `loss_fn`: `loss_fn(y, target) -> scalar`, the loss of one step of one example.
+        The sequence compiles as one program with `loss_fn` static (its arrays
+        traced), so it must be hashable: a function, a `functools.partial` or an
+        `eqx.Module`.
     - `model`: the model (held fixed over the sequence).
     - `trace_state`: where to start. If batched (from `learner.init(batch_size=B)`),
         `xs` and `targets` carry the batch on axis 1 and each step's loss is the mean
@@ -131,6 +151,7 @@ def online_grad(
     of each step, shape `(T,)`.
     """
     _length(xs, targets, mask)
+    _check_loss_fn(loss_fn)
     if jnp.ndim(trace_state.t) == 1:
         size = int(jnp.shape(trace_state.t)[0])
         for what, tree in (("xs", xs), ("targets", targets)):
@@ -236,6 +257,7 @@ def bptt_grad(
     `(grads, losses)`: model-shaped gradients and each step's unweighted loss.
     """
     _length(xs, targets, mask)
+    _check_loss_fn(loss_fn)
     return _bptt_grad(loss_fn, model, state, xs, targets, mask, batched)
 
 

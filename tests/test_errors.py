@@ -1,5 +1,7 @@
 """Every user error is an EtraceError whose message names the culprit."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -251,6 +253,18 @@ def test_sequence_errors():
     xb, yb = data(0, 4, 3, 2, batch=2)
     with pytest.raises(etrace.EtraceError, match="batch size 3.*`xs` has 2"):
         etrace.online_grad(learner, mse, model, learner.init(batch_size=3), xb, yb)
+
+    @dataclasses.dataclass
+    class Loss:  # eq=True makes it unhashable
+        scale: float = 1.0
+
+        def __call__(self, y, target):
+            return self.scale * mse(y, target)
+
+    with pytest.raises(etrace.EtraceError, match="`loss_fn`.*unhashable Loss"):
+        etrace.online_grad(learner, Loss(), model, ts, xs, ys)
+    with pytest.raises(etrace.EtraceError, match="`loss_fn`.*unhashable Loss"):
+        etrace.bptt_grad(Loss(), model, ts.state, xs, ys)
 
 
 def test_errors_survive_python_optimise_flag():
