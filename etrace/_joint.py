@@ -11,6 +11,7 @@ the read-out.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -19,7 +20,7 @@ import jax.tree_util as jtu
 
 from . import _ir
 from ._compiler import Compiled
-from ._runtime import gradient_hook, Jacobians
+from ._runtime import capability, gradient_hook, Jacobians
 
 
 def _hidden_leaves(compiled: Compiled) -> list[int]:
@@ -91,6 +92,45 @@ def full_jacobians(compiled, dyn_leaves, state_leaves, x_leaves):
     return J, Jtheta
 
 
+def transition_products(compiled, dyn_leaves, state_leaves, x_leaves):
+    """`v -> J v` and `u -> (u^T J, {path: u^T dh^t/dtheta})` for flat vectors of
+    length `H`, without forming either Jacobian: one linearisation of the step, its
+    pullback for `u^T`, and the pullback's transpose for `J v` (reverse mode
+    throughout, so that `custom_vjp` surrogates work)."""
+    graph = compiled.graph
+    if not graph.hidden_size:  # no parameter reaches a hidden state
+        zeros = {path: jnp.zeros(shape, dt) for path, shape, dt in graph.params}
+        return (lambda v: v), (lambda u: (u, zeros))
+    transition, ps0, hs0 = _transition(compiled, dyn_leaves, state_leaves, x_leaves)
+    new_hidden, pullback = jax.vjp(transition, ps0, hs0)
+    paths = [path for path, _, _ in graph.params]
+
+    def split(v, like):
+        out, start = [], 0
+        for h in like:
+            out.append(jnp.reshape(v[start : start + h.size], h.shape).astype(h.dtype))
+            start += h.size
+        return out
+
+    def join(parts):
+        return jnp.concatenate([jnp.reshape(a, (-1,)) for a in parts])
+
+    def vjp(u):
+        d_params, d_prev = pullback(split(u, new_hidden))
+        return join(d_prev), dict(zip(paths, d_params))
+
+    def hidden_pullback(u_parts):
+        return pullback(u_parts)[1]
+
+    transposed = jax.linear_transpose(hidden_pullback, new_hidden)
+
+    def jvp(v):
+        (out,) = transposed(split(v, hs0))
+        return join(out)
+
+    return jvp, vjp
+
+
 def diagonal_blocks(compiled, dyn_leaves, state_leaves, x_leaves):
     """Per group name, `H[n, k, k'] = d h_k^t[n] / d h_{k'}^{t-1}[n]` through every
     path of the step (recurrent weights included): the per-neuron diagonal blocks of
@@ -148,9 +188,29 @@ def run_step_joint(compiled, algorithm, dyn_leaves, state_leaves, x_leaves, trac
 
     # 2. The transition h^{t-1}, theta -> h^t, and its full Jacobians.
     params = [dyn_leaves[i] for i in compiled.joint_params]
-    J, Jtheta = full_jacobians(compiled, dyn_leaves, state_leaves, x_leaves)
+    if capability(algorithm, "dense_jacobians", True):
+        J, Jtheta = full_jacobians(compiled, dyn_leaves, state_leaves, x_leaves)
+    else:
+        J, Jtheta = None, None
     jac = Jacobians(D={}, Df={}, x={}, t=t, J=J, Jtheta=Jtheta)
-    new_traces = jtu.tree_map(sg, algorithm.update(compiled.graph, traces, jac))
+
+    # Linearised only if `update` asks for a product.
+    @functools.cache
+    def products():
+        return transition_products(compiled, dyn_leaves, state_leaves, x_leaves)
+
+    with_products = Jacobians(
+        D={},
+        Df={},
+        x={},
+        t=t,
+        J=J,
+        Jtheta=Jtheta,
+        jvp=lambda v: products()[0](v),
+        vjp=lambda u: products()[1](u),
+    )
+    update = algorithm.update(compiled.graph, traces, with_products)
+    new_traces = jtu.tree_map(sg, update)
 
     # 3. One hook over all hidden values; everything downstream reads through it.
     upstream_sinks = [read_up(s) for s in sinks]

@@ -53,6 +53,12 @@ class Jacobians(eqx.Module):
         hidden group name the per-neuron diagonal blocks of the *full*
         hidden-to-hidden Jacobian, recurrent weights included, shape `(N, K, K)`;
         else `None`.
+    - `jvp`: in a whole-state algorithm's `update`, `v -> J v` for `v` of shape
+        `(H,)`, without forming `J`; else `None`.
+    - `vjp`: in a whole-state algorithm's `update`, `u -> (u^T J, {path: u^T
+        Jtheta[path]})` for `u` of shape `(H,)`, without forming either; else
+        `None`. Together they cost a few passes over the step, where `J` and
+        `Jtheta` take one pullback per hidden value.
     """
 
     D: dict[str, Any]
@@ -62,6 +68,8 @@ class Jacobians(eqx.Module):
     J: Any = None
     Jtheta: Any = None
     H: Any = None
+    jvp: Any = eqx.field(default=None, static=True)
+    vjp: Any = eqx.field(default=None, static=True)
 
 
 def _flat(a: Any) -> Any:

@@ -1,7 +1,10 @@
 """UORO: unbiased for RTRL (a z-test over many seeds), noisy for one seed."""
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
@@ -71,3 +74,94 @@ def test_uoro_readout_is_exact_and_trace_of():
     assert s.shape == (3,) and theta.shape == (9, 3)
     assert "UORO" in learner.summary()
     assert not et.exact_regime(etrace.UORO(), learner)
+
+
+class _Products(etrace.AbstractAlgorithm):
+    # Keeps, for fixed random vectors `v` and `u`, the products `jac.jvp` and
+    # `jac.vjp` give next to the same products taken with the dense `jac.J` and
+    # `jac.Jtheta` of the same step.
+    routing: ClassVar[str] = "joint"
+
+    def init(self, graph):
+        dtype = graph.groups[0].dtype
+        v, u = jr.normal(jr.key(3), (2, graph.hidden_size), dtype)
+        zero = jnp.zeros_like(v)
+        params = {path: jnp.zeros(shape, dt) for path, shape, dt in graph.params}
+        products = (zero, zero, params)
+        return {"v": v, "u": u, "products": products, "dense": products, "vJ": zero}
+
+    def update(self, graph, traces, jac):
+        v, u = traces["v"], traces["u"]
+        uJ, uI = jac.vjp(u)
+        dense_uI = {p: jnp.tensordot(u, jac.Jtheta[p], axes=1) for p in uI}
+        return {
+            "v": v,
+            "u": u,
+            "products": (jac.jvp(v), uJ, uI),
+            "dense": (jac.J @ v, u @ jac.J, dense_uI),
+            "vJ": v @ jac.J,
+        }
+
+    def gradients(self, graph, traces, signal, jac):
+        return {path: jnp.zeros(shape, dt) for path, shape, dt in graph.params}
+
+
+@pytest.mark.parametrize("family", ["alif", "stack", "lstm"])
+def test_products_equal_the_dense_jacobians(family):
+    # `jac.jvp` is the transpose of the step's pullback: for spiking neurons
+    # (`custom_vjp` surrogates, no forward mode) as for cells and stacked layers.
+    model, state = et.build(family, 3, 4, 2, 0)
+    xs, ys = data(0, 6, 3, 2)
+    if family == "alif":
+        rates = et.liveness(model, xs, state=state).rates
+        assert rates and all(0 < r < 1 for r in rates.values())
+    learner, ts = etrace.compile(model, xs[0], state=state, algorithm=_Products())
+    traces = etrace.online_grad(learner, mse, model, ts, xs, ys)[1].traces
+    products, dense = traces["products"], traces["dense"]
+    assert jax.tree.structure(products) == jax.tree.structure(dense)
+    for got, want in zip(jax.tree.leaves(products), jax.tree.leaves(dense)):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    # Negative controls: the products are not zero, and `J v` is not `v^T J`
+    # (`J` is not symmetric here), so a transpose taken the wrong way would fail.
+    jv, uJ, uI = products
+    assert np.linalg.norm(jv) > 1e-3 and max(np.abs(a).max() for a in uI.values()) > 0
+    assert np.linalg.norm(traces["vJ"] - jv) > 1e-3 * np.linalg.norm(jv)
+
+
+class _DenseUORO(etrace.AbstractWrappedAlgorithm):
+    # Tallec & Ollivier's update written with the dense `J` and `I`.
+    inner: etrace.UORO
+    dense_jacobians: ClassVar[bool] = True
+
+    def update(self, graph, traces, jac):
+        eps = self.inner.eps
+        key, sub = jr.split(jr.wrap_key_data(traces["key"]))
+        s = traces["s"]
+        nu = 2 * (jr.bits(sub, s.shape, jnp.uint32) & 1).astype(s.dtype) - 1
+        js = jac.J @ s
+        nu_i = {p: jnp.tensordot(nu, jac.Jtheta[p], axes=1) for p in traces["theta"]}
+
+        def norm(tree):
+            return jnp.sqrt(sum(jnp.sum(a**2) for a in tree.values()))
+
+        rho0 = jnp.sqrt((norm(traces["theta"]) + eps) / (jnp.linalg.norm(js) + eps))
+        rho1 = jnp.sqrt((norm(nu_i) + eps) / (jnp.linalg.norm(nu) + eps))
+        theta = {p: t / rho0 + nu_i[p] / rho1 for p, t in traces["theta"].items()}
+        return {"key": jr.key_data(key), "s": rho0 * js + rho1 * nu, "theta": theta}
+
+
+@pytest.mark.parametrize("family", ["gru", "alif"])
+def test_uoro_equals_its_update_with_dense_jacobians(family):
+    model, state = et.build(family, 3, 4, 2, 0)
+    xs, ys = data(0, 6, 3, 2)
+    runs = []
+    for algorithm in (etrace.UORO(seed=2), _DenseUORO(etrace.UORO(seed=2))):
+        learner, ts = etrace.compile(model, xs[0], state=state, algorithm=algorithm)
+        grads, ts, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+        runs.append((grads, ts.traces))
+    (grads, traces), (dense_grads, dense_traces) = runs
+    assert max(leaf_errors(grads, dense_grads).values()) < 1e-9
+    assert max(leaf_errors(traces["theta"], dense_traces["theta"]).values()) < 1e-9
+    np.testing.assert_allclose(traces["s"], dense_traces["s"], rtol=1e-9)
+    # Not trivially equal: no parameter's estimate is zero.
+    assert all(np.abs(t).max() > 1e-6 for t in traces["theta"].values())

@@ -29,15 +29,20 @@ class AbstractAlgorithm(eqx.Module):
     every unit (one weight site feeding one hidden group) keeps its own trace, or wrap
     an existing algorithm (see `examples/custom_algorithm.py`).
 
-    Two optional class variables change what the driver passes in, and a third is
-    a hint for `etrace.online_grad`:
+    Three optional class variables change what the driver passes in, and a fourth
+    is a hint for `etrace.online_grad`:
 
     - `routing = "joint"`: the algorithm is called once per step for the whole
         hidden state instead of once per group. `graph.params` lists every parameter
         that reaches a hidden state; `jac.J` and `jac.Jtheta` hold the full
         hidden-to-hidden and immediate Jacobians; the signal is `signal["hidden"]`
         of shape `(H,)`; traces and gradients are keyed by parameter path, and
-        gradients have the parameter's shape (`RTRL`, `SnAp`, `UORO`).
+        gradients have the parameter's shape (`RTRL`, `SnAp`, `UORO`). In
+        `update`, `jac.jvp` and `jac.vjp` also give products with those
+        Jacobians without forming them.
+    - `dense_jacobians = False`, with `routing = "joint"`: `update` uses only
+        `jac.jvp` and `jac.vjp`, so `jac.J` and `jac.Jtheta` are `None` and never
+        computed (`UORO`).
     - `full_diagonal = True`: `jac.H` holds each neuron's block of the full
         hidden-to-hidden Jacobian, recurrent weights included (`OSTLRecurrent`).
     - `outer_product_gradients = True`: each step's gradient of a weight matrix is

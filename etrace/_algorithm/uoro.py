@@ -32,8 +32,10 @@ class UORO(AbstractAlgorithm):
 
     The random signs come from a key kept in the traces (`traces["key"]`), so a run
     is pure and reproducible; give each example of a batch its own key for
-    independent noise. Traces take $O(H + |\theta|)$ memory; this implementation
-    forms $J$ and $I$ densely, so its step costs as much as RTRL's.
+    independent noise. Traces take $O(H + |\theta|)$ memory, and a step costs a
+    few passes over the model's step: $J\tilde s$ and $\nu^\top I$ are a
+    Jacobian-vector and a vector-Jacobian product (`jac.jvp`, `jac.vjp`); neither
+    Jacobian is formed.
 
     **Arguments:**
 
@@ -44,6 +46,7 @@ class UORO(AbstractAlgorithm):
     seed: int = 0
     eps: float = 1e-7
     routing: ClassVar[str] = "joint"
+    dense_jacobians: ClassVar[bool] = False
 
     def init(self, graph: Graph):
         dtype = graph.groups[0].dtype if graph.groups else jnp.result_type(float)
@@ -61,8 +64,8 @@ class UORO(AbstractAlgorithm):
         # default float dtype, float64 under `jax_enable_x64`.
         bits = jr.bits(sub, s.shape, jnp.uint32) & 1
         nu = 2 * bits.astype(s.dtype) - 1
-        js = jac.J @ s
-        nu_i = {p: jnp.tensordot(nu, jac.Jtheta[p], axes=1) for p in traces["theta"]}
+        js = jac.jvp(s)
+        _, nu_i = jac.vjp(nu)
         rho0 = jnp.sqrt(
             (_norm(traces["theta"]) + self.eps) / (jnp.linalg.norm(js) + self.eps)
         )
