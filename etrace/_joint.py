@@ -20,6 +20,7 @@ import jax.tree_util as jtu
 
 from . import _ir
 from ._compiler import Compiled
+from ._errors import EtraceError
 from ._runtime import capability, gradient_hook, Jacobians
 
 
@@ -98,9 +99,20 @@ def transition_products(compiled, dyn_leaves, state_leaves, x_leaves):
     pullback for `u^T`, and the pullback's transpose for `J v` (reverse mode
     throughout, so that `custom_vjp` surrogates work)."""
     graph = compiled.graph
-    if not graph.hidden_size:  # no parameter reaches a hidden state
+    size = graph.hidden_size
+
+    def checked(name, v):
+        if jnp.shape(v) != (size,):
+            raise EtraceError(
+                f"`jac.{name}` takes a flat vector over the whole hidden state, "
+                f"shape ({size},); got shape {jnp.shape(v)}. Flatten the hidden "
+                "values in group order (as `signal['hidden']` is)."
+            )
+        return v
+
+    if not size:  # no parameter reaches a hidden state
         zeros = {path: jnp.zeros(shape, dt) for path, shape, dt in graph.params}
-        return (lambda v: v), (lambda u: (u, zeros))
+        return (lambda v: checked("jvp", v)), (lambda u: (checked("vjp", u), zeros))
     transition, ps0, hs0 = _transition(compiled, dyn_leaves, state_leaves, x_leaves)
     new_hidden, pullback = jax.vjp(transition, ps0, hs0)
     paths = [path for path, _, _ in graph.params]
@@ -116,7 +128,7 @@ def transition_products(compiled, dyn_leaves, state_leaves, x_leaves):
         return jnp.concatenate([jnp.reshape(a, (-1,)) for a in parts])
 
     def vjp(u):
-        d_params, d_prev = pullback(split(u, new_hidden))
+        d_params, d_prev = pullback(split(checked("vjp", u), new_hidden))
         return join(d_prev), dict(zip(paths, d_params))
 
     def hidden_pullback(u_parts):
@@ -125,7 +137,7 @@ def transition_products(compiled, dyn_leaves, state_leaves, x_leaves):
     transposed = jax.linear_transpose(hidden_pullback, new_hidden)
 
     def jvp(v):
-        (out,) = transposed(split(v, hs0))
+        (out,) = transposed(split(checked("jvp", v), hs0))
         return join(out)
 
     return jvp, vjp

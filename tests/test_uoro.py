@@ -165,3 +165,21 @@ def test_uoro_equals_its_update_with_dense_jacobians(family):
     np.testing.assert_allclose(traces["s"], dense_traces["s"], rtol=1e-9)
     # Not trivially equal: no parameter's estimate is zero.
     assert all(np.abs(t).max() > 1e-6 for t in traces["theta"].values())
+
+
+class _WrongShape(etrace.AbstractWrappedAlgorithm):
+    inner: etrace.UORO
+
+    def update(self, graph, traces, jac):
+        jac.jvp(traces["s"][:-1])
+        return traces
+
+
+def test_products_refuse_a_vector_of_the_wrong_shape():
+    model, state = et.build("gru", 2, 3, 2, 0)
+    xs, ys = data(0, 2, 2, 2)
+    learner, ts = etrace.compile(
+        model, xs[0], state=state, algorithm=_WrongShape(etrace.UORO())
+    )
+    with pytest.raises(etrace.EtraceError, match=r"jac.jvp.*shape \(3,\).*\(2,\)"):
+        etrace.online_grad(learner, mse, model, ts, xs, ys)
