@@ -21,7 +21,7 @@ import jax.tree_util as jtu
 from . import _ir
 from ._compiler import Compiled
 from ._errors import EtraceError
-from ._runtime import capability, gradient_hook, Jacobians
+from ._runtime import capability, gradient_hook, Jacobians, NotFormed
 
 
 def _hidden_leaves(compiled: Compiled) -> list[int]:
@@ -203,7 +203,8 @@ def run_step_joint(compiled, algorithm, dyn_leaves, state_leaves, x_leaves, trac
     if capability(algorithm, "dense_jacobians", True):
         J, Jtheta = full_jacobians(compiled, dyn_leaves, state_leaves, x_leaves)
     else:
-        J, Jtheta = None, None
+        name = type(algorithm).__name__
+        J, Jtheta = NotFormed("J", name), NotFormed("Jtheta", name)
     jac = Jacobians(D={}, Df={}, x={}, t=t, J=J, Jtheta=Jtheta)
 
     # Linearised only if `update` asks for a product.

@@ -46,9 +46,12 @@ class Jacobians(eqx.Module):
     - `t`: the index of this step since `init`/`reset` (`TraceState.t` before the
         step), for rules that depend on it (e.g. a warm-up bias correction).
     - `J`: for whole-state algorithms, the full hidden-to-hidden Jacobian
-        `dh^t/dh^{t-1}` of shape `(H, H)` (through every weight), else `None`.
+        `dh^t/dh^{t-1}` of shape `(H, H)` (through every weight), else `None`; a
+        placeholder that raises an `EtraceError` when used if the algorithm declares
+        `dense_jacobians = False`.
     - `Jtheta`: for whole-state algorithms, per parameter path the immediate Jacobian
-        `dh^t/dtheta` of shape `(H, *theta.shape)`, else `None`.
+        `dh^t/dtheta` of shape `(H, *theta.shape)`, else `None` (the same placeholder
+        under `dense_jacobians = False`).
     - `H`: for algorithms that declare `full_diagonal = True` (`OSTLRecurrent`), per
         hidden group name the per-neuron diagonal blocks of the *full*
         hidden-to-hidden Jacobian, recurrent weights included, shape `(N, K, K)`;
@@ -70,6 +73,31 @@ class Jacobians(eqx.Module):
     H: Any = None
     jvp: Any = eqx.field(default=None, static=True)
     vjp: Any = eqx.field(default=None, static=True)
+
+
+class NotFormed(eqx.Module):
+    """Stands for `jac.J` or `jac.Jtheta` when the algorithm declares
+    `dense_jacobians = False`: any use of it raises an `EtraceError` that says so."""
+
+    name: str = eqx.field(static=True)
+    algorithm: str = eqx.field(static=True)
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise EtraceError(
+            f"jac.{self.name} is not formed for {self.algorithm}: it declares "
+            "`dense_jacobians = False`. Use the products `jac.jvp(v)` (J v) and "
+            "`jac.vjp(u)` (u^T J and u^T Jtheta), or declare `dense_jacobians = True` "
+            f"to receive jac.{self.name}."
+        )
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return self._refuse()
+
+    __jax_array__ = __array__ = __getitem__ = __iter__ = __len__ = _refuse
+    __matmul__ = __rmatmul__ = __add__ = __radd__ = __sub__ = __rsub__ = _refuse
+    __mul__ = __rmul__ = __truediv__ = __rtruediv__ = __neg__ = _refuse
 
 
 def _flat(a: Any) -> Any:

@@ -183,3 +183,32 @@ def test_products_refuse_a_vector_of_the_wrong_shape():
     )
     with pytest.raises(etrace.EtraceError, match=r"jac.jvp.*shape \(3,\).*\(2,\)"):
         etrace.online_grad(learner, mse, model, ts, xs, ys)
+
+
+class _ReadsJ(etrace.AbstractWrappedAlgorithm):
+    # Declares no dense Jacobians (through UORO) and reads them all the same.
+    inner: etrace.UORO
+    use: str
+
+    def update(self, graph, traces, jac):
+        if self.use == "matmul":
+            jac.J @ traces["s"]
+        elif self.use == "tensordot":
+            jnp.tensordot(traces["s"], jac.J, axes=1)
+        else:
+            jac.Jtheta[next(iter(traces["theta"]))]
+        return traces
+
+
+@pytest.mark.parametrize("use", ["matmul", "tensordot", "index"])
+def test_unformed_jacobians_refuse_use(use):
+    model, state = et.build("gru", 2, 3, 2, 0)
+    xs, _ = data(0, 2, 2, 2)
+    learner, ts = etrace.compile(
+        model, xs[0], state=state, algorithm=_ReadsJ(etrace.UORO(), use)
+    )
+    name = "Jtheta" if use == "index" else "J"
+    with pytest.raises(
+        etrace.EtraceError, match=rf"jac.{name} is not formed.*dense_jacobians = True"
+    ):
+        learner.step(model, ts, xs[0])

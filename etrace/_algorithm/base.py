@@ -41,8 +41,8 @@ class AbstractAlgorithm(eqx.Module):
         `update`, `jac.jvp` and `jac.vjp` also give products with those
         Jacobians without forming them.
     - `dense_jacobians = False`, with `routing = "joint"`: `update` uses only
-        `jac.jvp` and `jac.vjp`, so `jac.J` and `jac.Jtheta` are `None` and never
-        computed (`UORO`).
+        `jac.jvp` and `jac.vjp`; `jac.J` and `jac.Jtheta` are never computed, and
+        using them raises an `EtraceError` (`UORO`).
     - `full_diagonal = True`: `jac.H` holds each neuron's block of the full
         hidden-to-hidden Jacobian, recurrent weights included (`OSTLRecurrent`).
     - `outer_product_gradients = True`: each step's gradient of a weight matrix is
