@@ -4,9 +4,12 @@ A GRU (`eqx.nn.GRUCell`, stock Equinox) with a linear readout, at several hidden
 sizes. For each algorithm: the bytes of its traces for one example (from the shapes
 of `learner.init()`, nothing allocated) and the median wall time of one jitted
 training step on a batch (`vmap` of `learner.step`, gradient of the batch-mean loss,
-trace state carried), after compilation. Algorithms that form the full
-hidden-to-hidden Jacobian (RTRL, SnAp, UORO in this implementation) are timed only
-up to `--max-dense-hidden`; their memory is always reported.
+trace state carried), after compilation; and the median wall time per time step of
+a jitted `etrace.online_grad` over `--length` steps of a batch, where the read-out
+sums over the batch itself. The algorithms whose traces are dense in
+the hidden size times the parameters (RTRL; SnAp(2) and SnAp(3), whose patterns
+cover a GRU's whole state) are timed only up to `--max-dense-hidden`; their memory
+is always reported.
 
 ```
 python benchmarks/algorithms.py
@@ -37,7 +40,7 @@ import etrace
 
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "algorithms.json"
-DENSE = ("RTRL", "SnAp(1)", "SnAp(2)", "SnAp(3)", "UORO")
+DENSE = ("RTRL", "SnAp(2)", "SnAp(3)")
 
 
 class Net(eqx.Module):
@@ -99,6 +102,30 @@ def batch_step_time(learner, model, x, y, repeats) -> float:
     return statistics.median(times)
 
 
+def online_step_time(learner, model, batch, n_in, length, repeats) -> float:
+    """Median seconds per time step of a jitted `etrace.online_grad` over `length`
+    steps of a batch (fresh traces), after compilation: the path where the
+    read-out sums over the batch itself (`summed_gradients`)."""
+    xs = jr.normal(jr.key(1), (length, batch, n_in), jnp.float32)
+    ys = jr.normal(jr.key(2), (length, batch, n_in), jnp.float32)
+
+    def mse(y, target):
+        return jnp.mean((y - target) ** 2)
+
+    @eqx.filter_jit
+    def run(model, xs, ys):
+        ts = learner.init(batch_size=batch)
+        return etrace.online_grad(learner, mse, model, ts, xs, ys)[0]
+
+    jax.block_until_ready(run(model, xs, ys))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(model, xs, ys))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / length
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, nargs="+", default=[32, 128, 512])
@@ -106,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--max-dense-hidden", type=int, default=128)
+    parser.add_argument("--length", type=int, default=20)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -132,20 +160,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 "algorithm": name,
                 "trace_bytes_per_example": trace_bytes(learner),
                 "step_seconds": None,
+                "online_step_seconds": None,
             }
             if name not in DENSE or hidden <= args.max_dense_hidden:
                 row["step_seconds"] = step_time(
                     learner, model, args.batch, args.inputs, args.repeats
                 )
+                row["online_step_seconds"] = online_step_time(
+                    learner, model, args.batch, args.inputs, args.length, args.repeats
+                )
             rows.append(row)
-            ms = (
-                "skipped"
-                if row["step_seconds"] is None
-                else (f"{1e3 * row['step_seconds']:.2f}")
-            )
+
+            def ms(seconds):
+                return "skipped" if seconds is None else f"{1e3 * seconds:.2f} ms"
+
             print(
                 f"H={hidden:<4} {name:<10} trace/example "
-                f"{row['trace_bytes_per_example'] / 2**20:10.3f} MiB   step {ms} ms",
+                f"{row['trace_bytes_per_example'] / 2**20:10.3f} MiB   "
+                f"step {ms(row['step_seconds'])}   "
+                f"online_grad {ms(row['online_step_seconds'])} per step",
                 flush=True,
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1077,16 +1077,29 @@ def _with_connections(graph, weight_inputs, leaf_bit):
 
 def attach_pattern(compiled: Compiled) -> None:
     """Gives the graph a lazily computed structural Jacobian pattern."""
-    cache: list[Any] = []
+    cache: dict[bool, Any] = {}
 
-    def pattern():
-        if not cache:
+    def pattern(as_sparse: bool = False):
+        if True not in cache:
             from ._sparsity import dependency_pattern
 
             # First use may come while tracing a step: evaluate the constants eagerly.
             with jax.ensure_compile_time_eval():
-                cache.append(dependency_pattern(compiled))
-        return cache[0]
+                cache[True] = dependency_pattern(compiled)
+        if as_sparse not in cache:
+            J, immediate = cache[True]
+            shapes = {
+                path: tuple(aval.shape)
+                for path, aval in zip(compiled.layout.paths, compiled.layout.avals)
+            }
+            cache[False] = (
+                J.toarray(),
+                {
+                    path: m.toarray().reshape((J.shape[0],) + shapes[path])
+                    for path, m in immediate.items()
+                },
+            )
+        return cache[as_sparse]
 
     compiled.graph = dataclasses.replace(compiled.graph, pattern=pattern)
 

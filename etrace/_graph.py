@@ -249,11 +249,12 @@ class Graph:
     downstream: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     outputs: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
-    def jacobian_pattern(self) -> tuple[Any, dict[str, Any]]:
+    def jacobian_pattern(self, sparse: bool = False) -> tuple[Any, dict[str, Any]]:
         """The structural non-zero pattern of the full hidden-to-hidden Jacobian
         `(H, H)` and of each parameter's immediate Jacobian `(H, *shape)`, as NumPy
         booleans (computed once, on first use; for sparse whole-state algorithms
-        such as `SnAp`)."""
+        such as `SnAp`). With `sparse=True`, as SciPy boolean CSR matrices, each
+        parameter's of shape `(H, size)` (its elements in C order)."""
         if self.pattern is None:
             from ._errors import EtraceError
 
@@ -261,7 +262,7 @@ class Graph:
                 "This graph carries no Jacobian pattern: use the `learner.graph` "
                 "of a learner built by `etrace.compile`."
             )
-        return self.pattern()
+        return self.pattern(sparse)
 
     def subgraph(self, group: Group) -> Graph:
         """The graph restricted to one hidden group."""

@@ -11,7 +11,6 @@ the read-out.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -21,7 +20,13 @@ import jax.tree_util as jtu
 from . import _ir
 from ._compiler import Compiled
 from ._errors import EtraceError
-from ._runtime import capability, gradient_hook, Jacobians, NotFormed
+from ._runtime import (
+    batch_summed,
+    capability,
+    gradient_hook,
+    Jacobians,
+    NotFormed,
+)
 
 
 def _hidden_leaves(compiled: Compiled) -> list[int]:
@@ -29,15 +34,24 @@ def _hidden_leaves(compiled: Compiled) -> list[int]:
 
 
 def _joint_hook(algorithm: Any, graph: Any, dtypes: list[Any]):
-    def read_out(traces, jac, cot, anchor_cot):
-        del anchor_cot
-        signal = jnp.concatenate([jnp.reshape(c, (-1,)) for c in cot])
-        grads = algorithm.gradients(graph, traces, {"hidden": signal}, jac)
+    def signal(cot):
+        return {"hidden": jnp.concatenate([jnp.reshape(c, (-1,)) for c in cot])}
+
+    def to_params(grads):
         return [
             grads[path].astype(dt) for (path, _, _), dt in zip(graph.params, dtypes)
         ]
 
-    return gradient_hook(read_out)
+    def read_out(traces, jac, cot, anchor_cot):
+        del anchor_cot
+        return to_params(algorithm.gradients(graph, traces, signal(cot), jac))
+
+    def summed(traces, jac, cot, anchor_cot):
+        del anchor_cot
+        signals = jax.vmap(signal)(cot)
+        return to_params(algorithm.summed_gradients(graph, traces, signals, jac))
+
+    return gradient_hook(batch_summed(read_out, summed))
 
 
 def _transition(compiled, dyn_leaves, state_leaves, x_leaves):
@@ -207,20 +221,11 @@ def run_step_joint(compiled, algorithm, dyn_leaves, state_leaves, x_leaves, trac
         J, Jtheta = NotFormed("J", name), NotFormed("Jtheta", name)
     jac = Jacobians(D={}, Df={}, x={}, t=t, J=J, Jtheta=Jtheta)
 
-    # Linearised only if `update` asks for a product.
-    @functools.cache
-    def products():
-        return transition_products(compiled, dyn_leaves, state_leaves, x_leaves)
-
+    # Linearised here, outside any transformation `update` applies to the products
+    # (a `vmap` over many vectors); XLA drops it if `update` takes none.
+    jvp, vjp = transition_products(compiled, dyn_leaves, state_leaves, x_leaves)
     with_products = Jacobians(
-        D={},
-        Df={},
-        x={},
-        t=t,
-        J=J,
-        Jtheta=Jtheta,
-        jvp=lambda v: products()[0](v),
-        vjp=lambda u: products()[1](u),
+        D={}, Df={}, x={}, t=t, J=J, Jtheta=Jtheta, jvp=jvp, vjp=vjp
     )
     update = algorithm.update(compiled.graph, traces, with_products)
     new_traces = jtu.tree_map(sg, update)

@@ -275,25 +275,7 @@ def _group_hook(
             _read_previous(sub)
         return to_weights(grads)
 
-    if not _SUMMED.get():
-        return gradient_hook(read_out, anchored)
-
-    summed_read_out = jax.custom_batching.custom_vmap(read_out)
-
-    @summed_read_out.def_vmap
-    def _(axis_size, in_batched, traces, jac, cot, anchor_cot):
-        # Under the batch `vmap` of `online_grad`: `custom_vjp` sums the weights'
-        # cotangents over the batch, so return that sum, unbatched.
-        def batched(tree, flags):
-            return jtu.tree_map(
-                lambda a, b: a if b else jnp.broadcast_to(a, (axis_size,) + a.shape),
-                tree,
-                flags,
-            )
-
-        traces, jac, cot, anchor_cot = batched(
-            (traces, jac, cot, anchor_cot), tuple(in_batched)
-        )
+    def summed(traces, jac, cot, anchor_cot):
         previous, traces = traces
         signal = jax.vmap(learning_signal)(cot, anchor_cot)
         grads = algorithm.gradients_from_previous(
@@ -303,10 +285,29 @@ def _group_hook(
             grads = algorithm.summed_gradients(sub, traces, signal, jac)
         else:
             _read_previous(sub)
-        out = to_weights(grads)
+        return to_weights(grads)
+
+    return gradient_hook(batch_summed(read_out, summed), anchored)
+
+
+def batch_summed(read_out, summed):
+    """`read_out(traces, jac, cot, anchor_cot)`, which while `summed_batch` is on
+    computes its batch `vmap` as `summed` of the batched arguments: the weights'
+    cotangents summed over the batch, unbatched (`custom_vjp` sums them over the
+    batch of `online_grad` anyway). Off, `read_out` itself."""
+    if not _SUMMED.get():
+        return read_out
+    summed_read_out = jax.custom_batching.custom_vmap(read_out)
+
+    @summed_read_out.def_vmap
+    def _(axis_size, in_batched, *args):
+        def batched(a, flag):
+            return a if flag else jnp.broadcast_to(a, (axis_size,) + a.shape)
+
+        out = summed(*jtu.tree_map(batched, args, tuple(in_batched)))
         return out, [False] * len(out)
 
-    return gradient_hook(summed_read_out, anchored)
+    return summed_read_out
 
 
 def capability(algorithm: Any, name: str, default: Any) -> Any:

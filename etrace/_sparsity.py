@@ -273,9 +273,10 @@ class _Propagator:
         return [inner.get(v) for v in body.outvars]
 
 
-def dependency_pattern(compiled: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """`(J, {path: dh/dtheta})` structural non-zero patterns, as NumPy booleans of
-    shapes `(H, H)` and `(H, *theta.shape)` (hidden values in group order)."""
+def dependency_pattern(compiled: Any) -> tuple[Any, dict[str, Any]]:
+    """`(J, {path: dh/dtheta})` structural non-zero patterns, as SciPy boolean CSR
+    matrices of shapes `(H, H)` and `(H, theta.size)` (hidden values in group order,
+    parameter elements in C order)."""
     program = compiled.program
     state_vars = compiled.state_vars
     hidden = [j for g in compiled.graph.groups for j in g.leaves]
@@ -306,14 +307,17 @@ def dependency_pattern(compiled: Any) -> tuple[np.ndarray, dict[str, np.ndarray]
         rows.append(
             d if d is not None else sparse.csr_matrix((size, n_sources), dtype=bool)
         )
-    full = sparse.vstack(rows).toarray() if rows else np.zeros((0, n_sources), bool)
-    J = full[:, :n_hidden]
+    full = (
+        sparse.vstack(rows, format="csc").astype(bool)
+        if rows
+        else sparse.csc_matrix((0, n_sources), dtype=bool)
+    )
+    J = sparse.csr_matrix(full[:, :n_hidden])
     immediate = {}
     start = n_hidden
     for i, size in zip(params, p_sizes):
-        shape = tuple(compiled.layout.avals[i].shape)
-        immediate[compiled.layout.paths[i]] = full[:, start : start + size].reshape(
-            (n_hidden,) + shape
+        immediate[compiled.layout.paths[i]] = sparse.csr_matrix(
+            full[:, start : start + size]
         )
         start += size
     return J, immediate

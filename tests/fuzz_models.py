@@ -466,6 +466,7 @@ def algorithm_specs(draw: Any, names: tuple[str, ...] = ALGORITHMS) -> Algorithm
         )
     elif name == "SnAp":
         kwargs["n"] = draw(st.integers(1, 4))
+        kwargs["sparse"] = draw(st.none() | st.booleans())
     elif name == "UORO":
         kwargs["seed"] = draw(st.integers(0, 2**16))
     elif name == "OTTT":

@@ -8,6 +8,7 @@ import pytest
 
 import etrace
 import etrace.testing as et
+from etrace._algorithm.snap import _masks
 
 from .helpers import data, f64, leaf_errors, mse
 
@@ -125,3 +126,82 @@ def test_pattern_is_structural_not_sampled_on_spiking_networks(seed):
     assert immediate["out.weight"][-2:].sum() == immediate["out.weight"][0].size
     assert et.exact_regime(etrace.SnAp(2), learner)
     et.assert_matches_bptt(learner, mse, model, ts, xs, ys)
+
+
+def _snap_run(model, state, xs, ys, algorithm):
+    learner, ts = etrace.compile(model, xs[0], state=state, algorithm=algorithm)
+    grads, ts, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+    return grads, ts.traces
+
+
+def _ring_model(seed):
+    k = jax.random.split(jax.random.key(seed), 3)
+    return f64(
+        Ring(
+            eqx.nn.Linear(2, N, key=k[0]),
+            jax.random.normal(k[1], (N, N)),
+            eqx.nn.Linear(N, 2, key=k[2]),
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "family, n, exact",
+    [
+        ("gru", 1, False),
+        ("lstm", 1, False),
+        ("alif", 1, False),
+        ("stack", 1, True),  # no recurrence: J is diagonal, each layer's own block
+        ("ring", 2, False),
+    ],
+)
+def test_sparse_storage_equals_the_masked_dense_storage(family, n, exact):
+    # The same approximation stored two ways; columns one long (GRU), several long
+    # (ALIF's two states, the ring's two steps) and empty (the ring's mask).
+    if family == "ring":
+        model, state = _ring_model(0), jnp.zeros(N)
+    else:
+        model, state = et.build(family, 3, 4, 2, 0)
+    xs, ys = data(0, 7, 3 if family != "ring" else 2, 2, scale=2.0)
+    if family == "alif":
+        rates = et.liveness(model, xs, state=state).rates
+        assert rates and all(0 < r < 1 for r in rates.values())
+    sparse, sparse_traces = _snap_run(model, state, xs, ys, etrace.SnAp(n, sparse=True))
+    dense, dense_traces = _snap_run(model, state, xs, ys, etrace.SnAp(n, sparse=False))
+    assert max(leaf_errors(sparse, dense).values()) <= 1e-9
+    # Stored at the pattern's entries only: fewer numbers, the same ones.
+    learner, _ = etrace.compile(model, xs[0], state=state, algorithm=etrace.SnAp(n))
+    masks = _masks(learner.graph, n)
+    for path, m in sparse_traces.items():
+        want = np.asarray(dense_traces[path])
+        assert m.shape[-1] == masks[path].sum() < masks[path].size
+        # The pattern's entries in column-major order.
+        by_column = want.reshape(want.shape[0], -1).T
+        pattern = masks[path].reshape(masks[path].shape[0], -1).T
+        np.testing.assert_allclose(m, by_column[pattern], rtol=1e-9, atol=1e-12)
+    # Negative controls: the traces are not zero, and where the approximation is
+    # not exact it differs from RTRL (where it is, it equals RTRL).
+    assert all(np.abs(m).max() > 1e-6 for m in sparse_traces.values())
+    rtrl, _ = _snap_run(model, state, xs, ys, etrace.RTRL())
+    error = max(leaf_errors(sparse, rtrl).values())
+    assert bool(et.exact_regime(etrace.SnAp(n), learner)) == exact
+    assert error <= 1e-9 if exact else error > 1e-6
+
+
+def test_auto_storage_is_sparse_for_a_narrow_pattern_and_dense_for_a_wide_one():
+    model, state = et.build("gru", 3, 4, 2, 0)
+    xs, _ = data(0, 2, 3, 2)
+    sizes = {}
+    for n in (1, 2):
+        learner, _ = etrace.compile(model, xs[0], state=state, algorithm=etrace.SnAp(n))
+        traces = jax.eval_shape(learner.init).traces
+        sizes[n] = {p: t.shape for p, t in traces.items()}
+    # SnAp(1) on a GRU: one number per parameter element; SnAp(2) is RTRL's pattern.
+    assert sizes[1]["cell.weight_hh"] == (3 * 4 * 4,)
+    assert sizes[2]["cell.weight_hh"] == (4, 3 * 4, 4)
+
+
+@pytest.mark.parametrize("sparse", ["yes", 1, 0.0])
+def test_bad_sparse(sparse):
+    with pytest.raises(etrace.EtraceError, match="`sparse` must be None"):
+        etrace.SnAp(1, sparse=sparse)

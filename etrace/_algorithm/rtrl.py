@@ -45,3 +45,9 @@ class RTRL(AbstractAlgorithm):
         del graph, jac
         c = signal["hidden"]
         return {path: jnp.tensordot(c, m, axes=1) for path, m in traces.items()}
+
+    def summed_gradients(self, graph, traces, signal, jac):
+        # One contraction over the batch and the hidden values.
+        del graph, jac
+        c = signal["hidden"]
+        return {path: jnp.tensordot(c, m, axes=2) for path, m in traces.items()}

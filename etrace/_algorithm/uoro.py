@@ -80,3 +80,9 @@ class UORO(AbstractAlgorithm):
         del graph, jac
         scale = jnp.dot(signal["hidden"], traces["s"])
         return {p: scale * t for p, t in traces["theta"].items()}
+
+    def summed_gradients(self, graph, traces, signal, jac):
+        # One product over the batch per parameter.
+        del graph, jac
+        scale = jnp.sum(signal["hidden"] * traces["s"], axis=1)
+        return {p: jnp.tensordot(scale, t, axes=1) for p, t in traces["theta"].items()}

@@ -199,7 +199,7 @@ def algorithms(*, dense: bool = True) -> Any:
         options += [
             st.just(OSTLRecurrent()),
             st.just(RTRL()),
-            st.builds(SnAp, n=st.integers(1, 4)),
+            st.builds(SnAp, n=st.integers(1, 4), sparse=st.none() | st.booleans()),
             st.builds(UORO, seed=st.integers(0, 2**16)),
         ]
     return st.one_of(*options)
