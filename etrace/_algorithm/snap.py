@@ -239,18 +239,13 @@ class SnAp(AbstractAlgorithm):
         return out
 
     def gradients(self, graph, traces, signal, jac):
-        del jac
-        plan = _plan(graph, self.n, self.sparse)
-        c = signal["hidden"]
-        shapes = {path: shape for path, shape, _ in graph.params}
-        out = {}
-        for path, m in traces.items():
-            layout = plan.sparse.get(path)
-            if layout is None:
-                out[path] = jnp.tensordot(c, m, axes=1)
-                continue
-            out[path] = _by_column(layout, c[layout.rows] * m, shapes[path])
-        return out
+        # A batch of one.
+        return self.summed_gradients(
+            graph,
+            {path: m[None] for path, m in traces.items()},
+            {"hidden": signal["hidden"][None]},
+            jac,
+        )
 
     def summed_gradients(self, graph, traces, signal, jac):
         # Summed over the batch before the sparse entries are gathered per column.
