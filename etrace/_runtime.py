@@ -227,7 +227,9 @@ def summed_batch():
         _SUMMED.reset(token)
 
 
-_PREVIOUS = contextvars.ContextVar("etrace_previous_readers", default=None)
+_PREVIOUS: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
+    "etrace_previous_readers", default=None
+)
 
 
 @contextlib.contextmanager

@@ -307,7 +307,7 @@ def dependency_pattern(compiled: Any) -> tuple[Any, dict[str, Any]]:
         rows.append(
             d if d is not None else sparse.csr_matrix((size, n_sources), dtype=bool)
         )
-    full = (
+    full = sparse.csc_matrix(
         sparse.vstack(rows, format="csc").astype(bool)
         if rows
         else sparse.csc_matrix((0, n_sources), dtype=bool)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import Any
 
 import equinox as eqx
@@ -119,7 +121,8 @@ def diagonal_readout(trace, signal, turned=False):
     """`grad[m, i] = sum_k c_k[n(m)] eps[k][m, i]` in canonical layout (from turned
     traces if `turned`)."""
     spec = "bwf,bcwf->bwc" if turned else "bwf,bwfc->bwc"
-    return sum(jnp.einsum(spec, signal[..., k], eps) for k, eps in enumerate(trace))
+    terms = [jnp.einsum(spec, signal[..., k], eps) for k, eps in enumerate(trace)]
+    return functools.reduce(operator.add, terms)
 
 
 def _weighted(weights, arrays):
@@ -129,12 +132,19 @@ def _weighted(weights, arrays):
     return sum(terms[1:], terms[0]) if terms else None
 
 
+def _weighted_all(weights, arrays) -> Array:
+    """`_weighted` where every weight is given (a read-out's signal; `K >= 1`)."""
+    return functools.reduce(operator.add, [w * a for w, a in zip(weights, arrays)])
+
+
 def summed_diagonal_readout(trace, signal, turned=False):
     """`diagonal_readout` summed over a batch (a leading axis on every argument)."""
     if turned:
         weights = [jnp.expand_dims(signal[..., k], 2) for k in range(len(trace))]
-        return jnp.swapaxes(jnp.sum(batch_sum(_weighted(weights, trace)), -1), -1, -2)
-    total = _weighted([signal[..., k, None] for k in range(len(trace))], trace)
+        return jnp.swapaxes(
+            jnp.sum(batch_sum(_weighted_all(weights, trace)), -1), -1, -2
+        )
+    total = _weighted_all([signal[..., k, None] for k in range(len(trace))], trace)
     return jnp.sum(batch_sum(total), axis=2)
 
 
@@ -200,15 +210,15 @@ def _sparse_signal(unit: Unit, signal):
 def sparse_readout(unit: Unit, trace, signal):
     """`diagonal_readout` at the non-zeros, scattered to canonical `(B, Fw, C)`."""
     signal = _sparse_signal(unit, signal)
-    grad = sum(jnp.sum(signal[..., k] * eps, axis=1) for k, eps in enumerate(trace))
-    return _scatter(unit, grad)
+    terms = [jnp.sum(signal[..., k] * eps, axis=1) for k, eps in enumerate(trace)]
+    return _scatter(unit, functools.reduce(operator.add, terms))
 
 
 def summed_sparse_readout(unit: Unit, trace, signal):
     """`sparse_readout` summed over a batch (a leading axis on every argument):
     summed at the non-zeros, then scattered once."""
     signal = _sparse_signal(unit, signal)
-    total = _weighted([signal[..., k] for k in range(len(trace))], trace)
+    total = _weighted_all([signal[..., k] for k in range(len(trace))], trace)
     return _scatter(unit, jnp.sum(batch_sum(total), axis=1))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, ClassVar
 
 import jax
@@ -21,8 +22,8 @@ def _sparse_masks(graph: Graph, n: int) -> dict[str, sp.csc_matrix]:
     """Per parameter path, the pattern `P_n` as a boolean `(H, size)` CSC matrix."""
     J, immediate = graph.jacobian_pattern(sparse=True)
     size = J.shape[0]
-    step = (J + sp.identity(size, dtype=bool, format="csr")).astype(bool)
-    reach = sp.identity(size, dtype=bool, format="csr")
+    step = (J + sp.identity(size, dtype="bool", format="csr")).astype(bool)
+    reach = sp.identity(size, dtype="bool", format="csr")
     for _ in range(n - 1):
         wider = (step @ reach).astype(bool)
         if (wider != reach).nnz == 0:  # nothing new is reachable: a fixed point
@@ -39,7 +40,7 @@ def _masks(graph: Graph, n: int) -> dict[str, np.ndarray]:
     """Per parameter path, the pattern `P_n` as a dense boolean `(H, *shape)`."""
     shapes = {path: shape for path, shape, _ in graph.params}
     return {
-        path: m.toarray().reshape((m.shape[0],) + shapes[path])
+        path: m.toarray().reshape((graph.hidden_size,) + shapes[path])
         for path, m in _sparse_masks(graph, n).items()
     }
 
@@ -121,13 +122,14 @@ def _plan(graph: Graph, n: int, storage: bool | None) -> _Plan:
     _, immediate = graph.jacobian_pattern(sparse=True)
     colour = _colouring(immediate, size)
     colour_of = colour.argmax(axis=0) if colour.size else np.zeros(size, int)
+    dense_size = {path: size * math.prod(shape) for path, shape, _ in graph.params}
     chosen = {}
     for path, mask in _sparse_masks(graph, n).items():
         width = int(np.diff(mask.indptr).max(initial=0))
         # Auto: sparse when its update (`width` products per entry) does at most as
         # many multiplies as the dense storage has numbers, `1 / H` of the dense
         # update's.
-        if storage is None and mask.nnz * max(width, 1) > mask.shape[0] * mask.shape[1]:
+        if storage is None and mask.nnz * max(width, 1) > dense_size[path]:
             continue
         if storage is False:
             continue
@@ -212,6 +214,7 @@ class SnAp(AbstractAlgorithm):
         # Row k of J is e_k^T J; the parameters' parts are used only for the paths
         # stored densely (XLA drops the others).
         J, Jtheta = jax.vmap(jac.vjp)(eye)
+        coloured = {}
         if plan.sparse:
             _, coloured = jax.vmap(jac.vjp)(jnp.asarray(plan.colours, dtype))
         out = {}
