@@ -10,38 +10,42 @@ The script first checks the set-up against one device: the gradient of one chunk
 sequences with the batch sharded equals the single-device gradient, and the compiled
 per-device memory of the trace state falls as 1/N. Then it trains and plots the loss.
 
-Without several accelerators, run it on CPU with virtual devices (the script sets
-this up when JAX has not been imported yet and `XLA_FLAGS` is unset):
+Without several accelerators it runs on CPU with four virtual devices: the script
+sets JAX's `jax_num_cpu_devices` when it is the first to use JAX and no device count
+is given in `XLA_FLAGS` (`--xla_force_host_platform_device_count=N` chooses another):
 
 ```
-XLA_FLAGS=--xla_force_host_platform_device_count=4 python examples/data_parallel.py
 python examples/data_parallel.py --steps 100 --plot data_parallel.png
+XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/data_parallel.py
 ```
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
-if "jax" not in sys.modules and "XLA_FLAGS" not in os.environ:
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import etrace
 
-import equinox as eqx  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import jax.random as jr  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import AxisType, NamedSharding, PartitionSpec  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-import etrace  # noqa: E402
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # Refused (RuntimeError) once JAX has run something: the devices are then the
+    # ones the importing program set up.
+    with contextlib.suppress(RuntimeError):
+        jax.config.update("jax_num_cpu_devices", 4)
 
 
 class Net(eqx.Module):
