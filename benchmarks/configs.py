@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import pathlib
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -106,6 +111,14 @@ def add_size_options(
         type=int,
         help="timed runs after compilation, median reported (default 5, quick 2)",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="measure in this many fresh processes, one after another, and report "
+        "each row's median over them (on a small virtual machine a multi-threaded "
+        "step can take one of two times, by process: benchmarks/README.md)",
+    )
 
 
 def selected(args: argparse.Namespace) -> list[Config]:
@@ -127,6 +140,53 @@ def repeats(args: argparse.Namespace) -> int:
     if args.repeats is not None:
         return args.repeats
     return 2 if args.quick else 5
+
+
+KEY = ("model", "hidden", "batch", "T", "algorithm")
+
+
+def merge_processes(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per measurement from the rows of several processes: every number the
+    median over the processes that measured it, the fastest step the minimum, and
+    each process's median step time under `step_seconds_processes`."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for rows in runs:
+        for r in rows:
+            groups.setdefault(tuple(r[k] for k in KEY), []).append(r)
+    merged = []
+    for rs in groups.values():
+        out = dict(rs[0])
+        for name, value in rs[0].items():
+            numbers = [r.get(name) for r in rs]
+            if name in KEY or isinstance(value, bool) or None in numbers:
+                continue
+            if all(isinstance(v, int) for v in numbers):  # bytes: a measured value
+                out[name] = statistics.median_low(numbers)
+            elif all(isinstance(v, (int, float)) for v in numbers):
+                out[name] = statistics.median(numbers)
+        if all("step_seconds_min" in r for r in rs):
+            out["step_seconds_min"] = min(r["step_seconds_min"] for r in rs)
+        out["step_seconds_processes"] = [r["step_seconds"] for r in rs]
+        merged.append(out)
+    return merged
+
+
+def in_processes(
+    script: str, argv: Sequence[str] | None, processes: int
+) -> list[dict[str, Any]]:
+    """Runs `script` with the arguments `argv` (the command line's if None) in
+    `processes` fresh Python processes, one after another, and merges their rows
+    (`merge_processes`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    runs = []
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(processes):
+            out = pathlib.Path(folder) / f"{i}.json"
+            print(f"process {i + 1} of {processes}", flush=True)
+            command = [sys.executable, script, *argv, "--processes", "1"]
+            subprocess.run([*command, "--out", str(out)], check=True)
+            runs.append(json.loads(out.read_text())["results"])
+    return merge_processes(runs)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

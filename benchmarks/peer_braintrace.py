@@ -64,6 +64,7 @@ from configs import (
     add_size_options,
     Config,
     ES_DECAY,
+    in_processes,
     LEARNING_RATE,
     median_time,
     repeats,
@@ -269,11 +270,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     count = repeats(args)
     brainstate.environ.set(dt=1.0, precision=32)
 
-    rows = []
     configs = selected(args)
-    for config in configs:
-        rows.extend(measure(config, args.algorithms, count))
-    print(f"\nbraintrace: median of {count} training steps after compilation, float32")
+    if args.processes > 1:
+        rows = in_processes(__file__, argv, args.processes)
+    else:
+        rows = []
+        for config in configs:
+            rows.extend(measure(config, args.algorithms, count))
+    over = f"; each row the median over {args.processes} processes"
+    print(
+        f"\nbraintrace: median of {count} training steps after compilation, float32"
+        + (over if args.processes > 1 else "")
+    )
     print(training_table(rows))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -286,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "python": platform.python_version(),
         "dtype": "float32",
         "repeats": count,
+        "processes": args.processes,
         "models": {c.family.name: c.family.description for c in configs},
         "results": rows,
     }

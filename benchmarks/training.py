@@ -53,6 +53,7 @@ from configs import (
     add_size_options,
     Config,
     ES_DECAY,
+    in_processes,
     LEARNING_RATE,
     median_time,
     repeats,
@@ -284,16 +285,30 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     count = repeats(args)
 
-    rows = []
     configs = selected(args)
-    for config in configs:
-        rows.extend(measure(config, args.algorithms, count))
-    print(f"\nmedian of {count} training steps after compilation, float32")
+    if args.processes > 1:
+        rows = in_processes(__file__, argv, args.processes)
+    else:
+        rows = []
+        for config in configs:
+            rows.extend(measure(config, args.algorithms, count))
+    over = f"; each row the median over {args.processes} processes"
+    print(
+        f"\nmedian of {count} training steps after compilation, float32"
+        + (over if args.processes > 1 else "")
+    )
     print(training_table(rows))
 
     # One description per family.
     models = {c.family.name: c.family.description for c in configs}
-    write_record(args.out, "training", rows, repeats=count, models=models)
+    write_record(
+        args.out,
+        "training",
+        rows,
+        repeats=count,
+        processes=args.processes,
+        models=models,
+    )
     return rows
 
 

@@ -103,6 +103,34 @@ def test_algorithms_benchmark_smoke(tmp_path):
     assert json.loads(out.read_text())["results"]
 
 
+def test_training_benchmark_merges_fresh_processes(tmp_path):
+    configs = _load("benchmarks/configs.py")
+    key = {"model": "GRU", "hidden": 8, "batch": 64, "T": 3}
+
+    def run(step, fastest, temp, compile_s):
+        return [
+            {**key, "algorithm": "BPTT", "step_seconds": step,
+             "step_seconds_min": fastest, "temp_bytes": temp,
+             "compile_seconds": compile_s, "setup_seconds": None},
+        ]  # fmt: skip
+
+    runs = [run(3.0, 2.5, 100, 1.0), run(1.0, 0.9, 300, 2.0), run(2.0, 1.5, 200, 4.0)]
+    (merged,) = configs.merge_processes(runs)
+    assert merged["step_seconds"] == 2.0 and merged["step_seconds_min"] == 0.9
+    assert merged["temp_bytes"] == 200 and merged["compile_seconds"] == 2.0
+    assert merged["step_seconds_processes"] == [3.0, 1.0, 2.0]
+    assert merged["setup_seconds"] is None and merged["algorithm"] == "BPTT"
+
+    # End to end: each process writes its own JSON; the merged record says how many.
+    module = _load("benchmarks/training.py")
+    out = tmp_path / "training.json"
+    sizes = ["--models", "gru", "--gru-hidden", "4", "--gru-lengths", "3"]
+    argv = [*sizes, "--algorithms", "BPTT", "--repeats", "1", "--processes", "2"]
+    (row,) = module.main([*argv, "--out", str(out)])
+    assert len(row["step_seconds_processes"]) == 2
+    assert json.loads(out.read_text())["processes"] == 2
+
+
 def test_products_benchmark_smoke(tmp_path):
     import jax.random as jr
     import numpy as np
