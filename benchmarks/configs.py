@@ -117,7 +117,7 @@ def add_size_options(
         default=1,
         help="measure in this many fresh processes, one after another, and report "
         "each row's median over them (on a small virtual machine a multi-threaded "
-        "step can take one of two times, by process: benchmarks/README.md)",
+        "step can take one of two times from run to run: benchmarks/README.md)",
     )
 
 
