@@ -87,10 +87,13 @@ def add_size_options(
     parser: argparse.ArgumentParser,
     extra: Sequence[str] = (),
     algorithms: bool = True,
+    processes: bool = False,
 ) -> None:
     """The options shared by the training benchmarks of every library; `extra`:
     algorithm names only this library measures (run by default too);
-    `algorithms=False` leaves out `--algorithms`, for a script that measures one."""
+    `algorithms=False` leaves out `--algorithms`, for a script that measures one;
+    `processes=True` adds `--processes`, for a script whose `main` runs
+    `in_processes` with it."""
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -111,6 +114,8 @@ def add_size_options(
         type=int,
         help="timed runs after compilation, median reported (default 5, quick 2)",
     )
+    if not processes:
+        return
     parser.add_argument(
         "--processes",
         type=int,

@@ -257,7 +257,7 @@ def versions() -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_size_options(parser)
+    add_size_options(parser, processes=True)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="JSON path")
     parser.add_argument(
         "--show-warnings",

@@ -280,7 +280,7 @@ def write_record(
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_size_options(parser, extra=(BF16, EPROP, EPROP_PLAIN))
+    add_size_options(parser, extra=(BF16, EPROP, EPROP_PLAIN), processes=True)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="JSON path")
     args = parser.parse_args(argv)
     count = repeats(args)
