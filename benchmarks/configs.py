@@ -194,6 +194,24 @@ def in_processes(
     return merge_processes(runs)
 
 
+def measure_selected(
+    script: str,
+    argv: Sequence[str] | None,
+    args: argparse.Namespace,
+    measure: Callable[[Config, Sequence[str], int], list[dict[str, Any]]],
+) -> tuple[list[dict[str, Any]], str]:
+    """The rows of every configuration `args` selects, from `measure(config,
+    algorithms, repeats)` in this process, or in `--processes` fresh processes of
+    `script` (`in_processes`); and a line that says what each row's time is."""
+    count = repeats(args)
+    heading = f"median of {count} training steps after compilation, float32"
+    if args.processes > 1:
+        rows = in_processes(script, argv, args.processes)
+        return rows, f"{heading}; each row the median over {args.processes} processes"
+    rows = [r for c in selected(args) for r in measure(c, args.algorithms, count)]
+    return rows, heading
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     """`fn()`'s result and its wall time in seconds."""
     start = time.perf_counter()

@@ -64,8 +64,8 @@ from configs import (
     add_size_options,
     Config,
     ES_DECAY,
-    in_processes,
     LEARNING_RATE,
+    measure_selected,
     median_time,
     repeats,
     row,
@@ -271,17 +271,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     brainstate.environ.set(dt=1.0, precision=32)
 
     configs = selected(args)
-    if args.processes > 1:
-        rows = in_processes(__file__, argv, args.processes)
-    else:
-        rows = []
-        for config in configs:
-            rows.extend(measure(config, args.algorithms, count))
-    over = f"; each row the median over {args.processes} processes"
-    print(
-        f"\nbraintrace: median of {count} training steps after compilation, float32"
-        + (over if args.processes > 1 else "")
-    )
+    rows, heading = measure_selected(__file__, argv, args, measure)
+    print(f"\nbraintrace: {heading}")
     print(training_table(rows))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

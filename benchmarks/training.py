@@ -53,8 +53,8 @@ from configs import (
     add_size_options,
     Config,
     ES_DECAY,
-    in_processes,
     LEARNING_RATE,
+    measure_selected,
     median_time,
     repeats,
     row,
@@ -286,17 +286,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     count = repeats(args)
 
     configs = selected(args)
-    if args.processes > 1:
-        rows = in_processes(__file__, argv, args.processes)
-    else:
-        rows = []
-        for config in configs:
-            rows.extend(measure(config, args.algorithms, count))
-    over = f"; each row the median over {args.processes} processes"
-    print(
-        f"\nmedian of {count} training steps after compilation, float32"
-        + (over if args.processes > 1 else "")
-    )
+    rows, heading = measure_selected(__file__, argv, args, measure)
+    print(f"\n{heading}")
     print(training_table(rows))
 
     # One description per family.
