@@ -118,12 +118,19 @@ def add_size_options(
         return
     parser.add_argument(
         "--processes",
-        type=int,
+        type=_at_least_one,
         default=1,
         help="measure in this many fresh processes, one after another, and report "
         "each row's median over them (on a small virtual machine a multi-threaded "
         "step can take one of two times from run to run: benchmarks/README.md)",
     )
+
+
+def _at_least_one(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
 
 
 def selected(args: argparse.Namespace) -> list[Config]:

@@ -108,18 +108,27 @@ def test_training_benchmark_merges_fresh_processes(tmp_path):
     key = {"model": "GRU", "hidden": 8, "batch": 64, "T": 3}
 
     def run(step, fastest, temp, compile_s):
+        # Two measurements per process, in the same order in every process.
         return [
             {**key, "algorithm": "BPTT", "step_seconds": step,
              "step_seconds_min": fastest, "temp_bytes": temp,
              "compile_seconds": compile_s, "setup_seconds": None},
+            {**key, "algorithm": "D-RTRL", "step_seconds": 10 * step,
+             "step_seconds_min": 10 * fastest, "temp_bytes": 7,
+             "compile_seconds": compile_s, "setup_seconds": 0.1},
         ]  # fmt: skip
 
-    runs = [run(3.0, 2.5, 100, 1.0), run(1.0, 0.9, 300, 2.0), run(2.0, 1.5, 200, 4.0)]
-    (merged,) = configs.merge_processes(runs)
-    assert merged["step_seconds"] == 2.0 and merged["step_seconds_min"] == 0.9
-    assert merged["temp_bytes"] == 200 and merged["compile_seconds"] == 2.0
-    assert merged["step_seconds_processes"] == [3.0, 1.0, 2.0]
-    assert merged["setup_seconds"] is None and merged["algorithm"] == "BPTT"
+    # Medians that a mean would miss (1.5 against 1.83, 2.0 against 2.33, 100
+    # against 133.3), and a fastest call that only the minimum gives.
+    runs = [run(3.0, 2.5, 100, 1.0), run(1.0, 0.9, 250, 2.0), run(1.5, 1.4, 50, 4.0)]
+    bptt, drtrl = configs.merge_processes(runs)
+    assert bptt["algorithm"] == "BPTT" and drtrl["algorithm"] == "D-RTRL"
+    assert bptt["step_seconds"] == 1.5 and bptt["step_seconds_min"] == 0.9
+    assert bptt["temp_bytes"] == 100 and isinstance(bptt["temp_bytes"], int)
+    assert bptt["compile_seconds"] == 2.0
+    assert bptt["step_seconds_processes"] == [3.0, 1.0, 1.5]
+    assert bptt["setup_seconds"] is None and drtrl["setup_seconds"] == 0.1
+    assert drtrl["step_seconds"] == 15.0 and drtrl["step_seconds_min"] == 9.0
 
     # End to end: each process writes its own JSON; the merged record says how many.
     module = _load("benchmarks/training.py")

@@ -125,16 +125,16 @@ def diagonal_readout(trace, signal, turned=False):
     return functools.reduce(operator.add, terms)
 
 
-def _weighted(weights, arrays):
-    """`sum_k weights[k] * arrays[k]` as additions, leaving out the `None`
-    weights (structural zeros); `None` when every weight is."""
-    terms = [w * a for w, a in zip(weights, arrays) if w is not None]
-    return sum(terms[1:], terms[0]) if terms else None
-
-
 def _weighted_all(weights, arrays) -> Array:
-    """`_weighted` where every weight is given (a read-out's signal; `K >= 1`)."""
+    """`sum_k weights[k] * arrays[k]` as additions, every weight given (`K >= 1`)."""
     return functools.reduce(operator.add, [w * a for w, a in zip(weights, arrays)])
+
+
+def _weighted(weights, arrays):
+    """`_weighted_all` leaving out the `None` weights (structural zeros); `None`
+    when every weight is."""
+    kept = [(w, a) for w, a in zip(weights, arrays) if w is not None]
+    return _weighted_all(*zip(*kept)) if kept else None
 
 
 def summed_diagonal_readout(trace, signal, turned=False):
