@@ -90,11 +90,35 @@ def _turned_sums(learner: Learner, zeros: Any) -> Any:
     transpose (a GRU's 192 x 10 input weight, batch 64: 11.8 against 4.8 us). A
     matrix whose first axis is the longer is then summed as its transpose and
     turned back once after the scan. Other read-outs (D-RTRL's sum over its
-    `(m, i)` trace) keep the parameter's layout, which is the trace's too."""
+    `(m, i)` trace) keep the parameter's layout, which is the trace's too, except
+    for the weights whose gradient the algorithm forms transposed
+    (`transposed_gradients`: D-RTRL's turned traces), whose sums are turned so
+    that adding each step's gradient is not a transpose."""
     outer = capability(learner.algorithm, "outer_product_gradients", False)
-    return jtu.tree_map(
-        lambda a: bool(outer and a.ndim == 2 and a.shape[0] > a.shape[1]), zeros
-    )
+    transposed = capability(learner.algorithm, "transposed_gradients", None)
+    paths = set()
+    if transposed is not None:
+        graph, layout = learner.graph, learner.compiled.layout
+        traces = jax.eval_shape(lambda: learner.init()).traces
+        names = transposed(graph, traces)
+        for u in graph.units:
+            s = u.site
+            # The weight is the parameter itself, a matrix `(Fw, C)`.
+            if (
+                u.name in names
+                and len(s.params) == 1
+                and s.b == 1
+                and s.w_perm == (0, 1)
+                and layout.avals[s.params[0]].shape == s.w_shape
+            ):
+                paths.add(layout.paths[s.params[0]])
+
+    def turned(path: Any, a: Any) -> bool:
+        if keystr(path) in paths:
+            return True
+        return bool(outer and a.ndim == 2 and a.shape[0] > a.shape[1])
+
+    return jtu.tree_map_with_path(turned, zeros)
 
 
 def _turn(a: Any, turned: bool) -> Any:

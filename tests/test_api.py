@@ -44,16 +44,35 @@ def test_online_grad_equals_loop_of_step_gradients(family):
     assert not tree_allclose(scanned, truncated, rtol=1e-6)
 
 
+class _ClipTraces(etrace.AbstractWrappedAlgorithm):
+    """D-RTRL with its traces clipped: a wrapper that replaces the update, whose
+    `init` keeps canonical (not turned) traces."""
+
+    inner: etrace.AbstractAlgorithm
+
+    def update(self, graph, traces, jac):
+        new = self.inner.update(graph, traces, jac)
+        return jax.tree.map(lambda t: jnp.clip(t, -1e3, 1e3), new)
+
+
 @pytest.mark.parametrize(
     "algorithm",
-    [etrace.ES_D_RTRL(decay=0.6), etrace.OTTT(decay=0.7), etrace.D_RTRL()],
-    ids=["es_d_rtrl", "ottt", "d_rtrl"],
+    [
+        etrace.ES_D_RTRL(decay=0.6),
+        etrace.OTTT(decay=0.7),
+        etrace.D_RTRL(),
+        etrace.EProp(),
+        _ClipTraces(etrace.D_RTRL()),
+    ],
+    ids=["es_d_rtrl", "ottt", "d_rtrl", "eprop", "clipped_d_rtrl"],
 )
 @pytest.mark.parametrize("batch", [None, 3])
-def test_online_grad_sums_tall_outer_product_gradients_transposed(algorithm, batch):
-    # With an outer-product read-out, `online_grad` sums the gradient of a matrix
-    # whose first axis is the longer as its transpose; the sum it hands back is
-    # the one of the step gradients in the parameter's layout.
+def test_online_grad_sums_gradients_formed_transposed_as_transposes(algorithm, batch):
+    # `online_grad` sums as its transpose the gradient of a matrix that the
+    # read-out forms transposed: with an outer-product read-out, a matrix whose
+    # first axis is the longer; with D-RTRL's, a weight whose trace is stored
+    # turned. The sum it hands back is the one of the step gradients in the
+    # parameter's layout.
     from etrace._sequence import _turned_sums, _zeros_like_grads
 
     model, state = build(GRUNet, 3, 4, 2, seed=5)
@@ -61,10 +80,23 @@ def test_online_grad_sums_tall_outer_product_gradients_transposed(algorithm, bat
     x0 = xs[0] if batch is None else xs[0, 0]
     learner, _ = etrace.compile(model, x0, state=state, algorithm=algorithm)
     turned = _turned_sums(learner, _zeros_like_grads(model))
-    outer = not isinstance(algorithm, etrace.D_RTRL)
+    outer = isinstance(algorithm, (etrace.ES_D_RTRL, etrace.OTTT))
     # weight_ih (12, 3) and weight_hh (12, 4) are tall; the readout (2, 4) is not.
-    assert turned.cell.weight_ih is outer and turned.cell.weight_hh is outer
+    # D-RTRL (and e-prop without a filter, whose traces are D-RTRL's) stores the
+    # trace of weight_ih turned (3 inputs, 12 >= 4 * 3 outputs), not weight_hh's
+    # (12 < 4 * 4); the wrapper that replaces the update keeps both canonical.
+    diagonal_turned = isinstance(algorithm, (etrace.D_RTRL, etrace.EProp))
+    assert turned.cell.weight_ih is (outer or diagonal_turned)
+    assert turned.cell.weight_hh is outer
     assert turned.readout.weight is False and turned.cell.bias is False
+    (unit,) = [u for u in learner.graph.units if u.name.startswith("cell.weight_ih")]
+    stored = learner.init().traces[unit.name]
+    b, w, f, c = unit.shape
+    if not outer:  # the turned sums follow the stored layout
+        assert (
+            any(eps is not None and eps.shape == (b, c, w, f) for eps in stored)
+            is diagonal_turned
+        )
 
     ts = learner.init(batch_size=batch)
     total, _ = per_step_grads(learner, mse, model, ts, xs, ys)

@@ -103,6 +103,36 @@ def test_algorithms_benchmark_smoke(tmp_path):
     assert json.loads(out.read_text())["results"]
 
 
+def test_kernels_benchmark_smoke(tmp_path):
+    module = _load("benchmarks/kernels.py")
+    out = tmp_path / "kernels.json"
+    sizes = ["--models", "gru", "--gru-hidden", "8", "--gru-lengths", "5"]
+    algorithms = ["--algorithms", "D-RTRL", "BPTT"]
+    rows = module.main([*sizes, *algorithms, "--repeats", "2", "--out", str(out)])
+    assert [r["algorithm"] for r in rows] == ["D-RTRL", "BPTT"]
+    for r in rows:
+        kernels = r["kernels"]
+        assert kernels and r["kernel_seconds_per_time_step"] > 0
+        # The scan body's kernels run once per time step, the Adam update once
+        # per call (1 / T), and the loops that contain them are not counted.
+        calls = {round(k["calls_per_step"], 6) for k in kernels}
+        assert 1.0 in calls and 0.2 in calls
+        assert not any(k["op"] == "while" for k in kernels)
+        times = [k["seconds_per_step"] for k in kernels]
+        assert times == sorted(times, reverse=True) and times[-1] > 0
+    assert json.loads(out.read_text())["results"][0]["kernels"]
+
+    hlo = """
+  %while.3 = (s32[], f32[4]{0}) while(%tuple.1), condition=%c, body=%b
+  %ynn_fusion.2 = f32[64,384]{1,0} fusion(%p, %q), kind=kCustom, calls=%f
+  ROOT %dot.17 = f32[128,384]{1,0} dot(%a, %b), lhs_contracting_dims={0}
+"""
+    assert module.instructions(hlo) == {
+        "ynn_fusion.2": ("fusion/kCustom", "f32[64,384]"),
+        "dot.17": ("dot", "f32[128,384]"),
+    }
+
+
 def test_training_benchmark_merges_fresh_processes(tmp_path):
     configs = _load("benchmarks/configs.py")
     key = {"model": "GRU", "hidden": 8, "batch": 64, "T": 3}

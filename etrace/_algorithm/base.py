@@ -50,6 +50,12 @@ class AbstractAlgorithm(eqx.Module):
         `ES_D_RTRL` and `OTTT`); `online_grad` may then keep its running sum of
         such a matrix transposed, the faster layout for that product on CPU. A
         layout choice only: the gradients are the same either way.
+
+    An optional method is another such hint: `transposed_gradients(graph, traces)`
+    returns the names of the units whose summed gradient the read-out forms as
+    the transpose of canonical `(B, Fw, C)` (`traces`: one example's, or their
+    shapes). `online_grad` then keeps the running sum of such a weight matrix
+    transposed (`D_RTRL`, for the traces it stores turned).
     """
 
     @abc.abstractmethod

@@ -53,6 +53,16 @@ def is_turned(unit: Unit, trace) -> bool:
     )
 
 
+def _stored_turned(unit: Unit, trace) -> bool:
+    """`is_turned` for a trace of any structure: `False` unless it is a D-RTRL
+    trace, a tuple of arrays (or shapes) and `None`s, stored turned."""
+    if not isinstance(trace, tuple) or not all(
+        eps is None or hasattr(eps, "shape") for eps in trace
+    ):
+        return False
+    return is_turned(unit, trace)
+
+
 def canonical(unit: Unit, trace):
     """`trace` in canonical layout `(..., B, Fw, Fx, C)`, whichever it is stored in."""
     if not is_turned(unit, trace):
@@ -392,6 +402,18 @@ class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
             and not overrides(
                 self, AbstractDiagonalAlgorithm, "init_unit", *_DIAGONAL_METHODS
             )
+        )
+
+    def transposed_gradients(self, graph, traces) -> frozenset[str]:
+        """The units whose summed gradient the read-out forms transposed: those
+        whose dense trace `traces` stores turned (`turns`), read out as
+        `(B, C, Fw)` and swapped to the canonical `(B, Fw, C)` last. A layout hint
+        for `etrace.online_grad`, which then keeps those running sums transposed
+        (see `AbstractAlgorithm`); `traces` may be shapes (`jax.eval_shape`)."""
+        return frozenset(
+            u.name
+            for u in graph.units
+            if not self.stores_sparse(u) and _stored_turned(u, traces.get(u.name))
         )
 
     def update(self, graph, traces, jac):

@@ -180,6 +180,12 @@ class EProp(AbstractUnitAlgorithm):
             return None
         return plain.gradients_from_previous(graph, traces, signal, jac, summed=summed)
 
+    def transposed_gradients(self, graph, traces) -> frozenset[str]:
+        plain = self._unfiltered()
+        if plain is None:
+            return frozenset()
+        return plain.transposed_gradients(graph, traces)
+
     def init_unit(self, unit: Unit) -> Any:
         return diagonal_init(unit)
 
