@@ -5,7 +5,9 @@ BPTT) is compiled, run once untimed, then called `--repeats` times under JAX's
 profiler (`jax.profiler.trace`, written as a Perfetto trace to a temporary
 directory). Every event of the trace that is one instruction of the compiled
 program (a fusion, a matrix product, a copy; not the loops that contain them) is
-summed per instruction and divided by the number of time steps run, so the
+summed per instruction and divided by the number of time steps run, and shown
+with the JAX operation it computes (`origin`: `jvp(vmap())/dot_general` is a
+product of the forward pass, `transpose(...)` a backward pass), so the
 kernels of the scan body show their time per time step and `calls` near 1, and
 those outside it (the optimiser update, the start of the scan) show
 `calls = 1 / T`. Also reported: the step's median wall time from as many calls
@@ -75,21 +77,49 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\(
 _CONTAINERS = {"while", "call", "conditional", "tuple", "parameter", "constant"}
 
 
-def instructions(hlo: str) -> dict[str, tuple[str, str]]:
-    """Name -> `(opcode, result shape)` of every instruction of a compiled
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# Path segments of JAX's `op_name` that every kernel of a step shares.
+_PLAIN = re.compile(r"^(jit\([^)]*\)|while|body|closed_call)$")
+
+
+def origin(line: str) -> str:
+    """The JAX operation an instruction comes from, from its `op_name`: the
+    transformations it is under and the primitive (`jvp(vmap())/dot_general`:
+    the forward pass, under `online_grad`'s `vmap`; `transpose(...)`: a backward
+    pass), with the enclosing jits and loops left out; empty without one."""
+    m = _OP_NAME.search(line)
+    if m is None:
+        return ""
+    parts = [p for p in m.group(1).split(";")[0].split("/") if not _PLAIN.match(p)]
+    return "/".join(parts)
+
+
+def instructions(hlo: str) -> dict[str, tuple[str, str, str]]:
+    """Name -> `(opcode, result shape, origin)` of every instruction of a compiled
     program's text, the containers left out; a fusion's opcode names its kind
     (`fusion/kLoop`, `fusion/kCustom` for a library call such as a matrix
-    product)."""
+    product), and its origin is that of the instruction it computes last."""
     out = {}
+    roots: dict[str, str] = {}  # fused computation -> origin of its root
+    computation = None
     for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
+        if head is not None:
+            computation = head.group(1)
+        if line.lstrip().startswith("ROOT ") and computation is not None:
+            roots[computation] = origin(line)
         m = _INSTRUCTION.match(line)
         if m is None or m.group(3) in _CONTAINERS:
             continue
         name, shape, op = m.groups()
+        where = origin(line)
         if op == "fusion":
             kind = re.search(r"kind=(\w+)", line)
             op = f"fusion/{kind.group(1)}" if kind else op
-        out[name] = (op, shape.split("{")[0])
+            called = re.search(r"calls=%([\w.\-]+)", line)
+            if called is not None:
+                where = roots.get(called.group(1)) or where
+        out[name] = (op, shape.split("{")[0], where)
     return out
 
 
@@ -103,7 +133,7 @@ def trace_events(directory: pathlib.Path) -> list[dict[str, Any]]:
 
 
 def kernel_times(
-    events: list[dict[str, Any]], known: dict[str, tuple[str, str]], steps: int
+    events: list[dict[str, Any]], known: dict[str, tuple[str, str, str]], steps: int
 ) -> list[dict[str, Any]]:
     """Per instruction of the program, its time and number of calls per time step
     (`steps` time steps run in all), slowest first."""
@@ -118,6 +148,7 @@ def kernel_times(
             "kernel": name,
             "op": known[name][0],
             "shape": known[name][1],
+            "origin": known[name][2],
             "seconds_per_step": total[name] / steps,
             "calls_per_step": calls[name] / steps,
         }
@@ -179,6 +210,7 @@ def table(r: dict[str, Any], top: int) -> str:
     body = [
         [
             k["kernel"],
+            k["origin"],
             k["op"],
             k["shape"],
             f"{1e6 * k['seconds_per_step']:.2f}",
@@ -187,7 +219,7 @@ def table(r: dict[str, Any], top: int) -> str:
         ]
         for k in r["kernels"][:top]
     ]
-    head = ["kernel", "op", "shape", "us / time step", "calls", "of step"]
+    head = ["kernel", "origin", "op", "shape", "us / time step", "calls", "of step"]
     rest = len(r["kernels"]) - len(body)
     title = (
         f"{r['model']} H={r['hidden']} B={r['batch']} T={r['T']} {r['algorithm']}: "

@@ -122,15 +122,27 @@ def test_kernels_benchmark_smoke(tmp_path):
         assert times == sorted(times, reverse=True) and times[-1] > 0
     assert json.loads(out.read_text())["results"][0]["kernels"]
 
-    hlo = """
-  %while.3 = (s32[], f32[4]{0}) while(%tuple.1), condition=%c, body=%b
-  %ynn_fusion.2 = f32[64,384]{1,0} fusion(%p, %q), kind=kCustom, calls=%f
-  ROOT %dot.17 = f32[128,384]{1,0} dot(%a, %b), lhs_contracting_dims={0}
+    # A fusion is named after what its fused computation computes last.
+    name = "jit(step)/jit(_online_grad)/while/body/closed_call/jvp(vmap())"
+    hlo = f"""
+%f (p: f32[64,128], q: f32[384,128]) -> f32[64,384] {{
+  ROOT %d = f32[64,384]{{1,0}} dot(%p, %q), metadata={{op_name="{name}/dot_general"}}
+}}
+
+%main () -> f32[128,384] {{
+  %while.3 = (s32[], f32[4]{{0}}) while(%tuple.1), condition=%c, body=%b
+  %ynn_fusion.2 = f32[64,384]{{1,0}} fusion(%p, %q), kind=kCustom, calls=%f
+  ROOT %dot.17 = f32[128,384]{{1,0}} dot(%a, %b), lhs_contracting_dims={{0}}
+}}
 """
-    assert module.instructions(hlo) == {
-        "ynn_fusion.2": ("fusion/kCustom", "f32[64,384]"),
-        "dot.17": ("dot", "f32[128,384]"),
-    }
+    found = module.instructions(hlo)
+    assert found["ynn_fusion.2"] == (
+        "fusion/kCustom",
+        "f32[64,384]",
+        "jvp(vmap())/dot_general",
+    )
+    assert found["dot.17"] == ("dot", "f32[128,384]", "")
+    assert "while.3" not in found
 
 
 def test_training_benchmark_merges_fresh_processes(tmp_path):
