@@ -14,6 +14,9 @@ those outside it (the optimiser update, the start of the scan) show
 outside the profiler, per time step, against the sum of the kernels (the rest is
 the runtime's own work: dispatch, waits between kernels).
 
+XLA on CPU names each kernel's event after its instruction; where a backend names
+its events otherwise and none matches, the script stops and says so.
+
 Whole-step times on a shared 2-vCPU machine vary by tens of percent between runs;
 one kernel's time, read from the same trace as all the others, tells a change of
 a few percent in one part of the step apart from that drift.
