@@ -173,6 +173,30 @@ def bind(eqn: Eqn, *args: Any) -> list[Any]:
     return list(out) if eqn.prim.multiple_results else [out]
 
 
+def with_weight_turned(eqn: Eqn, args: list[Any], w_pos: int) -> tuple[Eqn, list[Any]]:
+    """`eqn` and its operands with a matrix weight that a `dot_general` contracts
+    on its last axis (`W @ x` with `W` of shape `(m, i)`) stored turned, `(i, m)`,
+    and contracted on its first: the same product, which XLA on CPU runs faster
+    with the contracted axis of the weight leading (a LIF layer's `(128, 192)`
+    weight, batch 32: 12.0 against 7.5 us). The turn sits behind an
+    `optimization_barrier`, so that XLA keeps it (and hoists it out of a loop in
+    which the weight is fixed) instead of folding it back into the product.
+    Anything else is handed back unchanged."""
+    if eqn.name != "dot_general":
+        return eqn, args
+    w = args[w_pos]
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    contracted = lc if w_pos == 0 else rc
+    if lb or rb or jnp.ndim(w) != 2 or tuple(contracted) != (1,):
+        return eqn, args
+    args = list(args)
+    args[w_pos] = jax.lax.optimization_barrier(jnp.transpose(w))
+    dims = ((0,), rc) if w_pos == 0 else (lc, (0,))
+    params = dict(eqn.params)
+    params["dimension_numbers"] = (dims, (lb, rb))
+    return Eqn(eqn.prim, eqn.ins, eqn.outs, params, eqn.source), args
+
+
 def bind_weight_first(eqn: Eqn, *args: Any) -> list[Any]:
     """`bind` for a product `W . x` whose first operand is a weight (the same on
     every example): evaluated as `x . W` and transposed back. Under `vmap` over

@@ -227,6 +227,21 @@ def summed_batch():
         _SUMMED.reset(token)
 
 
+_FIXED_WEIGHTS = contextvars.ContextVar("etrace_fixed_weights", default=False)
+
+
+@contextlib.contextmanager
+def fixed_weights():
+    """While tracing a loop over steps of one model (`online_grad`'s scan), let
+    the step store a weight it multiplies turned (`_ir.with_weight_turned`): the
+    turn is then made once, outside the loop, instead of at every step."""
+    token = _FIXED_WEIGHTS.set(True)
+    try:
+        yield
+    finally:
+        _FIXED_WEIGHTS.reset(token)
+
+
 _PREVIOUS: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
     "etrace_previous_readers", default=None
 )
@@ -364,6 +379,7 @@ def run_step(
     hooked: dict[int, Any] = {}
     new_traces = dict(traces)
     sg = jax.lax.stop_gradient
+    turn_weights = _FIXED_WEIGHTS.get()
 
     def cut_operands(i: int, stop: bool) -> list[Any]:
         site = compiled.cut_sites[i]
@@ -386,10 +402,14 @@ def run_step(
             else:
                 assert site.eqn is not None
                 operands = cut_operands(site.eqn, stop)
+                eqn = eqns[site.eqn]
+                if stop and turn_weights:
+                    # The weight is cut from the gradient here: its value only.
+                    eqn, operands = _ir.with_weight_turned(eqn, operands, site.w_pos)
                 if site.w_pos == 0:
-                    (cache[v],) = _ir.bind_weight_first(eqns[site.eqn], *operands)
+                    (cache[v],) = _ir.bind_weight_first(eqn, *operands)
                 else:
-                    (cache[v],) = _ir.bind(eqns[site.eqn], *operands)
+                    (cache[v],) = _ir.bind(eqn, *operands)
         return cache[v]
 
     def read_tail(v: _ir.Operand) -> Any:

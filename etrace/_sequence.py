@@ -18,7 +18,7 @@ from ._algorithm.base import after
 from ._compiler import keystr
 from ._errors import EtraceError
 from ._learner import Learner, TraceState
-from ._runtime import capability, previous_readers, summed_batch
+from ._runtime import capability, fixed_weights, previous_readers, summed_batch
 
 
 def _length(xs: Any, targets: Any, mask: Any) -> int:
@@ -246,7 +246,7 @@ def _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask):
     # Under `grad(vmap(step))` the weights' gradient is a sum over the batch, which
     # the read-out can form itself (one matrix product for ES-D-RTRL, OTTT).
     summing = summed_batch() if batched else contextlib.nullcontext()
-    with summing:
+    with summing, fixed_weights():
         (trace_state, grads), losses = jax.lax.scan(body, init, (xs, targets, mask))
     return jtu.tree_map(_turn, grads, turned), trace_state, losses
 

@@ -110,6 +110,58 @@ def test_online_grad_sums_gradients_formed_transposed_as_transposes(algorithm, b
     assert float(jnp.abs(scanned.cell.weight_hh).max()) > 0
 
 
+def test_weight_turned_for_the_product_gives_the_same_product():
+    # `W @ x` with `W` contracted on its last axis is evaluated with `W` turned,
+    # `(i, m)`, contracted on its first; other products are left alone.
+    from etrace import _ir
+
+    w = jr.normal(jr.key(0), (5, 3))
+    x = jr.normal(jr.key(1), (3,))
+    for fn, args, w_pos in [
+        (lambda w, x: w @ x, (w, x), 0),
+        (lambda x, w: jax.lax.dot_general(x, w, (((0,), (1,)), ((), ()))), (x, w), 1),
+    ]:
+        jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+        (eqn,) = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+        ir = _ir.Eqn(eqn.primitive, (), (), dict(eqn.params), "")
+        turned, operands = _ir.with_weight_turned(ir, list(args), w_pos)
+        assert operands[w_pos].shape == (3, 5)  # stored turned
+        want = _ir.bind(ir, *args)[0]
+        got = _ir.bind(turned, *operands)[0]
+        assert jnp.allclose(got, want, rtol=1e-6)
+        # Negative control: the turned weight does not fit the old contraction.
+        with pytest.raises(TypeError):
+            _ir.bind(ir, *operands)
+    # Contracted on its first axis already (`x @ W`): unchanged.
+    jaxpr = jax.make_jaxpr(lambda x, w: x @ w)(jnp.ones(5), w).jaxpr
+    (eqn,) = jaxpr.eqns
+    ir = _ir.Eqn(eqn.primitive, (), (), dict(eqn.params), "")
+    same, operands = _ir.with_weight_turned(ir, [jnp.ones(5), w], 1)
+    assert same is ir and operands[1] is w
+
+
+def test_only_online_grad_turns_the_weights_of_its_loop():
+    # Inside `online_grad`'s scan the weights are fixed, and the step turns the
+    # ones it multiplies once, outside the loop; `learner.step` alone (whose
+    # caller may change the weights every step) does not.
+    model, state = build(GRUNet, 3, 4, 2, seed=3)
+    xs, ys = data(3, 5, 3, 2)
+    learner, ts = etrace.compile(model, xs[0], state=state)
+
+    def barriers(fn, *args):
+        text = str(jax.make_jaxpr(fn)(*args))
+        return text.count("optimization_barrier")
+
+    def scanned(model, ts, xs, ys):
+        return etrace.online_grad(learner, mse, model, ts, xs, ys)[0]
+
+    def stepped(model, ts, x):
+        return learner.step(model, ts, x)[0]
+
+    assert barriers(scanned, model, ts, xs, ys) >= 2  # weight_ih, weight_hh
+    assert barriers(stepped, model, ts, xs[0]) == 0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vmap_equals_per_example_loop(family):
     batch = 3
