@@ -379,6 +379,20 @@ def run_step(
     hooked: dict[int, Any] = {}
     new_traces = dict(traces)
     sg = jax.lax.stop_gradient
+    # Sites whose output is also read with its weight live (a same-step path
+    # around the state) keep the product as written: XLA computes the cut and the
+    # live product once only while they are the same expression.
+    read_live_sites = {
+        v
+        for (i, pos), mode in compiled.modes.items()
+        if mode == "live"
+        for v in [eqns[i].ins[pos]]
+        if isinstance(v, int) and v in compiled.site_of_out
+    } | {
+        v
+        for mode, v in zip(compiled.out_modes, program.outvars)
+        if mode == "live" and isinstance(v, int) and v in compiled.site_of_out
+    }
     turn_weights = _FIXED_WEIGHTS.get()
 
     def cut_operands(i: int, stop: bool) -> list[Any]:
@@ -403,7 +417,7 @@ def run_step(
                 assert site.eqn is not None
                 operands = cut_operands(site.eqn, stop)
                 eqn = eqns[site.eqn]
-                if stop and turn_weights:
+                if stop and turn_weights and v not in read_live_sites:
                     # The weight is cut from the gradient here: its value only.
                     eqn, operands = _ir.with_weight_turned(eqn, operands, site.w_pos)
                 if site.w_pos == 0:

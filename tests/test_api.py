@@ -162,6 +162,41 @@ def test_only_online_grad_turns_the_weights_of_its_loop():
     assert barriers(stepped, model, ts, xs[0]) == 0
 
 
+class _PreActivationOut(eqx.Module):
+    """A recurrent layer whose output can also read its pre-activation, a
+    same-step path around the state through the weight."""
+
+    w: jax.Array
+    read_pre: bool = eqx.field(static=True)
+
+    def __call__(self, x, h):
+        pre = self.w @ jnp.concatenate([x, h])
+        h = jnp.tanh(pre)
+        return (pre[:2] + h[:2]) if self.read_pre else h[:2], h
+
+
+@pytest.mark.parametrize("read_pre", [False, True])
+def test_a_product_also_read_live_is_not_turned(read_pre):
+    # The product of a site whose output is also read with the weight live stays
+    # as written (XLA then computes it once for both reads); the gradients are
+    # the per-step loop's either way.
+    model = _PreActivationOut(0.5 * jr.normal(jr.key(0), (4, 7)), read_pre)
+    xs, ys = data(4, 6, 3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner, ts = etrace.compile(model, xs[0], state=jnp.zeros(4))
+    text = str(
+        jax.make_jaxpr(lambda m: etrace.online_grad(learner, mse, m, ts, xs, ys)[0])(
+            model
+        )
+    )
+    assert text.count("optimization_barrier") == (0 if read_pre else 1)
+    scanned, _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+    looped, _ = per_step_grads(learner, mse, model, ts, xs, ys)
+    assert tree_allclose(scanned, looped)
+    assert float(jnp.abs(scanned.w).max()) > 0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vmap_equals_per_example_loop(family):
     batch = 3
