@@ -14,7 +14,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
-from ._algorithm.base import after
+from ._algorithm.base import after, fused
 from ._compiler import keystr
 from ._errors import EtraceError
 from ._learner import Learner, TraceState
@@ -239,7 +239,13 @@ def _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask):
         with previous_readers() as names:
             (_, (ts, loss)), grads = grad_fn(model, ts, x, target, weight)
         ts = _after_read_out(ts, names, grads)
-        total = jtu.tree_map(lambda s, g, t: s + _turn(g, t), total, grads, turned)
+        # `fused`: the sum and the step's gradient (a matrix product's result)
+        # would be a kernel of one add, which XLA on CPU runs several times slower
+        # than a kernel of two operations (LIF ES-D-RTRL, H = 512: 45 against 23 us
+        # per time step).
+        total = jtu.tree_map(
+            lambda s, g, t: fused(s) + _turn(g, t), total, grads, turned
+        )
         return (ts, total), loss
 
     init = (trace_state, jtu.tree_map(_turn, zeros, turned))

@@ -20,7 +20,7 @@ from .base import (
     keeps_full_traces,
     outer_product_sum,
     overrides,
-    sum_states,
+    weighted_states,
 )
 
 
@@ -245,7 +245,7 @@ def previous_factors(D, signal, Df, group=None):
             if group is None or group.couples(i, j)
         ]
         s.append(sum(terms[1:], terms[0]) if terms else None)
-    return s, sum_states(signal * Df)
+    return s, weighted_states(signal, Df)
 
 
 def previous_readout(previous, s, cdf, x, summed=False, turned=False):

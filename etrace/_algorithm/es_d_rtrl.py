@@ -12,9 +12,10 @@ from .._graph import Graph, Unit
 from .base import (
     AbstractAlgorithm,
     AbstractUnitAlgorithm,
+    fused,
     outer_product_sum,
     overrides,
-    sum_states,
+    weighted_states,
 )
 
 
@@ -145,7 +146,7 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
     def gradient_unit(self, unit, trace, signal, Df, x):
         del unit, Df, x
         ex, ef = trace
-        return jnp.einsum("bwf,bfc->bwc", sum_states(signal * ef), ex)
+        return jnp.einsum("bwf,bfc->bwc", weighted_states(signal, ef), ex)
 
     def summed_gradient_unit(self, unit, trace, signal, Df, x):
         if overrides(self, ES_D_RTRL, "gradient_unit"):
@@ -158,7 +159,7 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
             signal[..., k].reshape(n, -1) * ef[..., k].reshape(n, -1)
             for k in range(ef.shape[-1])
         ]
-        weighted = sum(flat[1:], flat[0]).reshape(ef.shape[:-1])
+        weighted = fused(sum(flat[1:], flat[0])).reshape(ef.shape[:-1])
         return outer_product_sum(weighted, ex)
 
     def _correction(self, t: Any, dtype: Any) -> Any:

@@ -11,7 +11,7 @@ from .base import (
     AbstractAlgorithm,
     AbstractUnitAlgorithm,
     overrides,
-    sum_states,
+    weighted_states,
 )
 from .d_rtrl import diagonal_init
 from .eprop import filtered_init, filtered_readout, filtered_update
@@ -125,6 +125,6 @@ class OTPE(AbstractUnitAlgorithm):
             steps = (t + 1).astype(S.dtype)
             norm = (1 - jnp.asarray(lam, S.dtype) ** steps) / (1 - lam)
             sig = u.gather(signal[u.group.name])
-            grad = jnp.einsum("bwf,bfc->bwc", sum_states(sig * S), z)
+            grad = jnp.einsum("bwf,bfc->bwc", weighted_states(sig, S), z)
             out[u.name] = grad / norm.astype(S.dtype)
         return out

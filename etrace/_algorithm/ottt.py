@@ -9,7 +9,12 @@ from jaxtyping import Array, Float
 
 from .._errors import EtraceError
 from .._graph import Unit
-from .base import AbstractUnitAlgorithm, outer_product_sum, overrides, sum_states
+from .base import (
+    AbstractUnitAlgorithm,
+    outer_product_sum,
+    overrides,
+    weighted_states,
+)
 from .helpers import PresynapticTrace
 
 
@@ -64,9 +69,9 @@ class OTTT(AbstractUnitAlgorithm):
 
     def gradient_unit(self, unit, trace, signal, Df, x):
         del unit, x
-        return jnp.einsum("bwf,bfc->bwc", sum_states(signal * Df), trace)
+        return jnp.einsum("bwf,bfc->bwc", weighted_states(signal, Df), trace)
 
     def summed_gradient_unit(self, unit, trace, signal, Df, x):
         if overrides(self, OTTT, "gradient_unit"):
             return None
-        return outer_product_sum(sum_states(signal * Df), trace)
+        return outer_product_sum(weighted_states(signal, Df), trace)
