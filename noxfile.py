@@ -124,3 +124,14 @@ def bench_peer(session: nox.Session) -> None:
     session.run("python", "benchmarks/peer_braintrace.py", *session.posargs)
     if pathlib.Path("benchmarks/results/training.json").exists():
         session.run("python", "benchmarks/compare_peer.py")
+
+
+@nox.session(python="3.12")
+def bench_alternating(session: nox.Session) -> None:
+    """etrace and braintrace in one environment and one process, their training
+    steps timed in turn (`alternating.py`; arguments after `--` go to it).
+    `BENCH_PEER_JAX` as for `bench_peer`."""
+    session.install(
+        "-e", ".[examples]", *PEER, os.environ.get("BENCH_PEER_JAX") or _training_jax()
+    )
+    session.run("python", "benchmarks/alternating.py", *session.posargs)

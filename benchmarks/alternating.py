@@ -1,0 +1,210 @@
+"""etrace against braintrace in one process, their training steps timed in turn.
+
+`training.py` and `peer_braintrace.py` measure each library in its own process,
+one after the other. On a shared machine the speed of the whole machine drifts
+between such runs (by up to 40% within minutes on the 2-vCPU machines these
+figures come from), and a ratio of two medians taken minutes apart carries that
+drift. Here both libraries' steps for one configuration and algorithm (the same
+models, sizes, data and optimiser as in those scripts, built by their own
+functions) are compiled in one Python process, then called in alternation:
+`--rounds` rounds, each timing `--calls` calls of etrace's step and then as many
+of braintrace's. Each library's time is the median of all its calls; the ratio
+etrace / braintrace is also taken round by round, so that its spread shows how
+much the machine moved while the pair was measured.
+
+Needs etrace and braintrace in one environment (braintrace needs Python >= 3.12):
+`nox -s bench_alternating` builds one; arguments after `--` go to the script.
+
+```
+python benchmarks/alternating.py
+python benchmarks/alternating.py --models gru --gru-hidden 128 --gru-lengths 70 \\
+    --algorithms ES-D-RTRL --rounds 9
+```
+
+Prints a table and writes `benchmarks/results/alternating.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import brainstate
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+import peer_braintrace
+import training
+from configs import (
+    add_size_options,
+    Config,
+    format_table,
+    LEARNING_RATE,
+    row,
+    selected,
+    timed,
+)
+
+import etrace
+
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "alternating.json"
+
+
+def etrace_run(config: Config, name: str) -> Callable[[], Any]:
+    """One call of `training.py`'s compiled step of `name` (or BPTT), parameters
+    and optimiser state carried from call to call; called once here (the first
+    call allocates)."""
+    model, state = training.build(config)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    optim = optax.adam(LEARNING_RATE)
+    args = (params, optim.init(params), *training.data(config))
+    if name == "BPTT":
+        step = training.bptt_step(state, static, optim)
+    else:
+        x0 = jnp.zeros(config.family.inputs, jnp.float32)
+        algorithm = training.algorithms()[name]
+        learner, _ = etrace.compile(model, x0, state=state, algorithm=algorithm)
+        step = training.online_step(learner, static, optim)
+    compiled = jax.jit(step).lower(*args).compile()
+    carry = list(args[:2])
+
+    def run() -> None:
+        params, opt_state, loss = compiled(*carry, *args[2:])
+        jax.block_until_ready((params, opt_state, loss))
+        carry[:] = [params, opt_state]
+
+    run()
+    return run
+
+
+def braintrace_run(config: Config, name: str) -> Callable[[], Any]:
+    """One call of `peer_braintrace.py`'s step of `name` (or BPTT); called twice
+    here (brainstate compiles the step again on its second call)."""
+    args = peer_braintrace.data(config)
+    if name == "BPTT":
+        step, _ = peer_braintrace.bptt_step(config)
+    else:
+        step, _ = peer_braintrace.online_step(config, name, args[0][0])
+
+    def run() -> None:
+        jax.block_until_ready(step(*args))
+
+    run()
+    run()
+    return run
+
+
+def alternate(
+    runs: Sequence[Callable[[], Any]], rounds: int, calls: int
+) -> list[list[float]]:
+    """Per run, the wall times of `calls` calls in each of `rounds` rounds, the
+    runs taking turns within every round (`times[i][r * calls + c]`)."""
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for run, out in zip(runs, times):
+            out.extend(timed(run)[1] for _ in range(calls))
+    return times
+
+
+def measure(
+    config: Config, names: Sequence[str], rounds: int, calls: int
+) -> list[dict[str, Any]]:
+    rows = []
+    for name in names:
+        mine, theirs = alternate(
+            [etrace_run(config, name), braintrace_run(config, name)], rounds, calls
+        )
+        per_round = [
+            statistics.median(mine[r * calls : (r + 1) * calls])
+            / statistics.median(theirs[r * calls : (r + 1) * calls])
+            for r in range(rounds)
+        ]
+        rows.append(
+            row(
+                config,
+                name,
+                etrace_seconds=statistics.median(mine),
+                braintrace_seconds=statistics.median(theirs),
+                ratio=statistics.median(mine) / statistics.median(theirs),
+                round_ratios=per_round,
+                etrace_times=mine,
+                braintrace_times=theirs,
+            )
+        )
+        r = rows[-1]
+        print(
+            f"{config.family.name} H={config.hidden} T={config.length} {name}: "
+            f"etrace {1e3 * r['etrace_seconds']:.1f} ms, braintrace "
+            f"{1e3 * r['braintrace_seconds']:.1f} ms, ratio {r['ratio']:.2f} "
+            f"(rounds {min(per_round):.2f} to {max(per_round):.2f})",
+            flush=True,
+        )
+    return rows
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    head = ("model", "algorithm", "H", "T", "etrace", "braintrace", "ratio", "rounds")
+    body = [
+        (
+            r["model"],
+            r["algorithm"],
+            str(r["hidden"]),
+            str(r["T"]),
+            f"{1e3 * r['etrace_seconds']:.1f} ms",
+            f"{1e3 * r['braintrace_seconds']:.1f} ms",
+            f"{r['ratio']:.2f}",
+            f"{min(r['round_ratios']):.2f} to {max(r['round_ratios']):.2f}",
+        )
+        for r in rows
+    ]
+    return format_table(head, body)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_size_options(parser)
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="rounds of alternation (default 5)"
+    )
+    parser.add_argument(
+        "--calls",
+        type=int,
+        default=2,
+        help="calls of each library's step per round (default 2)",
+    )
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="JSON path")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", module="braintrace")
+    brainstate.environ.set(dt=1.0, precision=32)
+
+    configs = selected(args)
+    rows = [
+        r for c in configs for r in measure(c, args.algorithms, args.rounds, args.calls)
+    ]
+    print(
+        f"\nmedian of {args.rounds * args.calls} calls of each step, "
+        f"{args.rounds} rounds of {args.calls} calls per library in turn, float32; "
+        "ratio: etrace / braintrace (rounds: the ratio's range over the rounds)"
+    )
+    print(table(rows))
+    versions = peer_braintrace.versions()
+    training.write_record(
+        args.out,
+        "alternating",
+        rows,
+        braintrace={k: v for k, v in versions.items() if k != "jax"},
+        rounds=args.rounds,
+        calls=args.calls,
+        models={c.family.name: c.family.description for c in configs},
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
