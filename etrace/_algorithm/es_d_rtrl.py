@@ -152,15 +152,7 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
         if overrides(self, ES_D_RTRL, "gradient_unit"):
             return None
         ex, ef = trace
-        n = ef.shape[0]
-        # The product taken on flat rows: on the canonical layout, with its unit
-        # axes, XLA on CPU runs it several times slower.
-        flat = [
-            signal[..., k].reshape(n, -1) * ef[..., k].reshape(n, -1)
-            for k in range(ef.shape[-1])
-        ]
-        weighted = fused(sum(flat[1:], flat[0])).reshape(ef.shape[:-1])
-        return outer_product_sum(weighted, ex)
+        return outer_product_sum(_weighted(signal, ef), ex)
 
     def _correction(self, t: Any, dtype: Any) -> Any:
         # The output trace is an exponential average started from zero: its weights
@@ -188,7 +180,35 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
                 g: s * scale.astype(s.dtype).reshape((-1,) + (1,) * (s.ndim - 1))
                 for g, s in signal.items()
             }
-        return self.summed_unit_gradients(graph, self._full(graph, traces), signal, jac)
+        full = self._full(graph, traces)
+        shared = self._shared(graph)
+        if not shared:
+            return self.summed_unit_gradients(graph, full, signal, jac)
+        # Units that share an output trace share its neuron map, hence the
+        # signal-weighted output trace too: formed once (XLA cannot merge the two
+        # copies, each `fused` with its own kept one).
+        weighted: dict[str, Any] = {}
+        out = {}
+        for u in graph.units:
+            key = shared.get(u.name, u.name)
+            ex, ef = full[u.name]
+            if key not in weighted:
+                gathered = u.gather(signal[u.group.name], axis=1)
+                weighted[key] = _weighted(gathered, ef)
+            out[u.name] = outer_product_sum(weighted[key], ex)
+        return out
+
+
+def _weighted(signal: Array, ef: Array) -> Array:
+    """`sum_k signal[..., k] ef[..., k]` of a batch of output traces, kept out of a
+    kernel of its own (`fused`). Taken on flat rows: on the canonical layout, with
+    its unit axes, XLA on CPU runs the product several times slower."""
+    n = ef.shape[0]
+    flat = [
+        signal[..., k].reshape(n, -1) * ef[..., k].reshape(n, -1)
+        for k in range(ef.shape[-1])
+    ]
+    return fused(sum(flat[1:], flat[0])).reshape(ef.shape[:-1])
 
 
 _UNIT_METHODS = (
