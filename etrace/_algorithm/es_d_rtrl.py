@@ -190,7 +190,7 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
         weighted: dict[str, Any] = {}
         out = {}
         for u in graph.units:
-            key = shared.get(u.name, u.name)
+            key = shared.get(u.name) or u.name
             ex, ef = full[u.name]
             if key not in weighted:
                 gathered = u.gather(signal[u.group.name], axis=1)
