@@ -180,6 +180,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     )
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="JSON path")
     args = parser.parse_args(argv)
+    if args.repeats is not None:
+        parser.error(
+            "--repeats: here --rounds and --calls set how often each step runs"
+        )
     warnings.filterwarnings("ignore", module="braintrace")
     brainstate.environ.set(dt=1.0, precision=32)
 
