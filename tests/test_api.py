@@ -141,6 +141,7 @@ def test_weight_turned_for_the_product_gives_the_same_product():
     assert same is ir and operands[1] is w
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only; else identity")
 def test_fused_is_exact_and_kept_by_xla():
     from etrace._algorithm.base import fused
 
@@ -162,6 +163,22 @@ def test_fused_is_exact_and_kept_by_xla():
 
     assert multiplies(lambda a: fused(a) + a, x) >= 1
     assert multiplies(lambda a: a * 1.0 + a, x) == 0
+
+
+def test_fused_multiplies_on_cpu_only():
+    # The platform is chosen when the program is lowered: exported for a GPU
+    # (which needs none here), `fused` is `a` itself, for the CPU a multiply.
+    from jax import export
+
+    from etrace._algorithm.base import fused
+
+    def multiplies(platform: str) -> int:
+        fn = jax.jit(lambda a: fused(a) + a)
+        text = export.export(fn, platforms=[platform])(jnp.ones(3)).mlir_module()
+        return text.count("stablehlo.multiply")
+
+    assert multiplies("cpu") == 1
+    assert multiplies("cuda") == 0
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA CPU's kernels")
