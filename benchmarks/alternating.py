@@ -34,23 +34,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import brainstate
-import equinox as eqx
 import jax
-import jax.numpy as jnp
-import optax
 import peer_braintrace
 import training
 from configs import (
     add_size_options,
     Config,
     format_table,
-    LEARNING_RATE,
     row,
     selected,
     timed,
 )
-
-import etrace
 
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "alternating.json"
@@ -60,17 +54,7 @@ def etrace_run(config: Config, name: str) -> Callable[[], Any]:
     """One call of `training.py`'s compiled step of `name` (or BPTT), parameters
     and optimiser state carried from call to call; called once here (the first
     call allocates)."""
-    model, state = training.build(config)
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    optim = optax.adam(LEARNING_RATE)
-    args = (params, optim.init(params), *training.data(config))
-    if name == "BPTT":
-        step = training.bptt_step(state, static, optim)
-    else:
-        x0 = jnp.zeros(config.family.inputs, jnp.float32)
-        algorithm = training.algorithms()[name]
-        learner, _ = etrace.compile(model, x0, state=state, algorithm=algorithm)
-        step = training.online_step(learner, static, optim)
+    step, args = training.step_function(config, name)
     compiled = jax.jit(step).lower(*args).compile()
     carry = list(args[:2])
 

@@ -43,33 +43,23 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
-import optax
 from configs import (
     add_size_options,
     Config,
     format_table,
-    LEARNING_RATE,
     repeats,
     row,
     selected,
     timed,
 )
 from training import (
-    algorithms,
     BF16,
-    bptt_step,
-    build,
-    data,
     EPROP,
     EPROP_PLAIN,
-    online_step,
+    step_function,
     write_record,
 )
-
-import etrace
 
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "kernels.json"
@@ -158,20 +148,6 @@ def kernel_times(
         for name in total
     ]
     return sorted(rows, key=lambda r: -r["seconds_per_step"])
-
-
-def step_function(config: Config, name: str):
-    """`(step, args)`: `training.py`'s step function of algorithm `name` (or BPTT)
-    on `config`, and its arguments."""
-    model, state = build(config)
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    optim = optax.adam(LEARNING_RATE)
-    args = (params, optim.init(params), *data(config))
-    if name == "BPTT":
-        return bptt_step(state, static, optim), args
-    x0 = jnp.zeros(config.family.inputs, jnp.float32)
-    learner, _ = etrace.compile(model, x0, state=state, algorithm=algorithms()[name])
-    return online_step(learner, static, optim), args
 
 
 def measure(config: Config, name: str, count: int) -> dict[str, Any]:

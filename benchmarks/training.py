@@ -192,6 +192,21 @@ def bptt_step(state: eqx.nn.State, static: Any, optim) -> Callable:
     return step
 
 
+def step_function(config: Config, name: str):
+    """`(step, args)`: the step function of algorithm `name` (or BPTT) on
+    `config`, as `measure` builds it, and its arguments (for `kernels.py` and
+    `alternating.py`)."""
+    model, state = build(config)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    optim = optax.adam(LEARNING_RATE)
+    args = (params, optim.init(params), *data(config))
+    if name == "BPTT":
+        return bptt_step(state, static, optim), args
+    x0 = jnp.zeros(config.family.inputs, jnp.float32)
+    learner, _ = etrace.compile(model, x0, state=state, algorithm=algorithms()[name])
+    return online_step(learner, static, optim), args
+
+
 def measure_step(step: Callable, args: tuple, count: int) -> dict[str, Any]:
     """Compile time, temporary memory and median wall time of `step(*args)`, which
     returns `(params, opt_state, loss)`; the first two are fed back in."""
