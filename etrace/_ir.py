@@ -178,7 +178,7 @@ def with_weight_turned(eqn: Eqn, args: list[Any], w_pos: int) -> tuple[Eqn, list
     on its last axis (`W @ x` with `W` of shape `(m, i)`) stored turned, `(i, m)`,
     and contracted on its first: the same product, which XLA on CPU runs faster
     with the contracted axis of the weight leading (a LIF layer's `(128, 192)`
-    weight, batch 32: 12.0 against 7.5 us). The turn sits behind an
+    weight, batch 32: 12.0 against 7.4 us). The turn sits behind an
     `optimization_barrier`, so that XLA keeps it (and hoists it out of a loop in
     which the weight is fixed) instead of folding it back into the product.
     Anything else is handed back unchanged."""
