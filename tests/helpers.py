@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import equinox as eqx
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -65,6 +66,19 @@ def sweep(fast: int, slow: int, **strategies):
         return with_budget(fast), pytest.mark.slow(with_budget(slow))
 
     return make
+
+
+def all_eqns(jaxpr) -> Iterator[Any]:
+    """Every equation of `jaxpr` and of the jaxprs inside it (a scan's body, a
+    cond's branches, a custom rule's function), depth first."""
+    for e in jaxpr.eqns:
+        yield e
+        for p in e.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from all_eqns(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from all_eqns(sub)
 
 
 def mse(y, target):

@@ -15,6 +15,7 @@ import etrace
 
 from .helpers import (
     ALIFNet,
+    all_eqns,
     build,
     data,
     f64,
@@ -211,21 +212,11 @@ def _turned_weights(fn, *args) -> int:
     """How many matrices `fn`'s program passes through an `optimization_barrier`
     (a weight turned once outside `online_grad`'s loop; the scalar ones that keep
     element-wise kernels fused are not counted)."""
-
-    def count(jaxpr) -> int:
-        n = 0
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "optimization_barrier":
-                n += sum(jnp.ndim(v.aval) >= 2 for v in eqn.invars)
-            for p in eqn.params.values():
-                for sub in p if isinstance(p, (tuple, list)) else [p]:
-                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                        n += count(sub.jaxpr)
-                    elif isinstance(sub, jax.extend.core.Jaxpr):
-                        n += count(sub)
-        return n
-
-    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+    return sum(
+        sum(jnp.ndim(v.aval) >= 2 for v in e.invars)
+        for e in all_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
+        if e.primitive.name == "optimization_barrier"
+    )
 
 
 def test_only_online_grad_turns_the_weights_of_its_loop():

@@ -9,7 +9,7 @@ import pytest
 import etrace
 import etrace.testing as et
 
-from .helpers import ALGORITHMS, data, leaf_errors, mse
+from .helpers import ALGORITHMS, all_eqns, data, leaf_errors, mse
 
 
 INNER = {
@@ -103,21 +103,11 @@ def test_bad_arguments(args, match):
 def _float64_values(closed) -> list[str]:
     """The primitives of `closed` (and of the jaxprs inside it) with a float64
     result."""
-    found = []
-
-    def walk(jaxpr):
-        for e in jaxpr.eqns:
-            if any(getattr(v.aval, "dtype", None) == jnp.float64 for v in e.outvars):
-                found.append(e.primitive.name)
-            for p in e.params.values():
-                for sub in p if isinstance(p, (list, tuple)) else [p]:
-                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                        walk(sub.jaxpr)
-                    elif isinstance(sub, jax.extend.core.Jaxpr):
-                        walk(sub)
-
-    walk(closed.jaxpr)
-    return found
+    return [
+        e.primitive.name
+        for e in all_eqns(closed.jaxpr)
+        if any(getattr(v.aval, "dtype", None) == jnp.float64 for v in e.outvars)
+    ]
 
 
 ALL = {**ALGORITHMS, "bf16": etrace.ReducedPrecision(etrace.D_RTRL())}
