@@ -54,6 +54,7 @@ from configs import (
     timed,
 )
 from training import (
+    applies,
     BF16,
     EPROP,
     EPROP_PLAIN,
@@ -221,8 +222,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for config in selected(args):
         for name in args.algorithms:
-            if name in (EPROP, EPROP_PLAIN) and config.family.name != "LIF":
-                continue  # a filter for a leaky readout, which only LIF has
+            if not applies(name, config):
+                continue
             rows.append(measure(config, name, count))
             print(f"\n{table(rows[-1], args.top)}", flush=True)
     print(f"\n{count} profiled calls of each step after compilation, float32")

@@ -155,6 +155,12 @@ def algorithms() -> dict[str, etrace.AbstractAlgorithm]:
     }
 
 
+def applies(name: str, config: Config) -> bool:
+    """Whether method `name` is measured on `config`: e-prop's filter is that of a
+    leaky readout, which only the LIF network has."""
+    return name not in (EPROP, EPROP_PLAIN) or config.family.name == "LIF"
+
+
 def trace_bytes(learner: etrace.Learner) -> int:
     """Bytes of the traces of one example, from shapes (nothing allocated)."""
     shapes = jax.eval_shape(learner.init)
@@ -241,8 +247,8 @@ def measure(config: Config, names: Sequence[str], count: int) -> list[dict[str, 
     x0 = jnp.zeros(config.family.inputs, jnp.float32)
     rows = []
     for name in names:
-        if name in (EPROP, EPROP_PLAIN) and config.family.name != "LIF":
-            continue  # a filter for a leaky readout, which only the LIF network has
+        if not applies(name, config):
+            continue
         extra: dict[str, Any] = {}
         if name == "BPTT":
             step = bptt_step(state, static, optim)

@@ -6,6 +6,7 @@ import math
 import pathlib
 import sys
 
+import jax
 import pytest
 
 
@@ -180,6 +181,36 @@ def test_training_benchmark_merges_fresh_processes(tmp_path):
     (row,) = module.main([*argv, "--out", str(out)])
     assert len(row["step_seconds_processes"]) == 2
     assert json.loads(out.read_text())["processes"] == 2
+
+
+def test_training_benchmark_steps_lower_for_a_gpu():
+    # The suite runs unchanged on JAX's default backend. With no GPU here, each
+    # step that `training.py` times is exported for CUDA (lowering needs no GPU):
+    # every method lowers, and without the rewrites made for XLA on the CPU only
+    # (the kept-one multiplies and turned weights, which pass through
+    # `optimization_barrier`). Control: exported for the CPU, each online step
+    # has them, so the count can see them.
+    from jax import export
+
+    configs = _load("benchmarks/configs.py")
+    training = _load("benchmarks/training.py")
+    lowered = []
+    for family in ("gru", "lif"):
+        config = configs.Config(configs.FAMILIES[family], 4, 2)
+        for name in [*training.algorithms(), "BPTT"]:
+            if not training.applies(name, config):
+                continue
+            step, args = training.step_function(config, name)
+            barriers = {}
+            for platform in ("cuda", "cpu"):
+                exported = export.export(jax.jit(step), platforms=[platform])(*args)
+                text = exported.mlir_module()
+                barriers[platform] = text.count("stablehlo.optimization_barrier")
+            assert barriers["cuda"] == 0, (family, name)
+            assert (barriers["cpu"] > 0) == (name != "BPTT"), (family, name)
+            lowered.append((family, name))
+    # Every method is exported on the LIF network.
+    assert {n for f, n in lowered if f == "lif"} == {*training.algorithms(), "BPTT"}
 
 
 def test_products_benchmark_smoke(tmp_path):
