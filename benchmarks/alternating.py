@@ -52,19 +52,8 @@ RESULTS = pathlib.Path(__file__).parent / "results" / "alternating.json"
 
 def etrace_run(config: Config, name: str) -> Callable[[], Any]:
     """One call of `training.py`'s compiled step of `name` (or BPTT), parameters
-    and optimiser state carried from call to call; called once here (the first
-    call allocates)."""
-    step, args = training.step_function(config, name)
-    compiled = jax.jit(step).lower(*args).compile()
-    carry = list(args[:2])
-
-    def run() -> None:
-        params, opt_state, loss = compiled(*carry, *args[2:])
-        jax.block_until_ready((params, opt_state, loss))
-        carry[:] = [params, opt_state]
-
-    run()
-    return run
+    and optimiser state carried from call to call (`training.compiled_run`)."""
+    return training.compiled_run(config, name)[0]
 
 
 def braintrace_run(config: Config, name: str) -> Callable[[], Any]:

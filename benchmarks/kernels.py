@@ -56,9 +56,9 @@ from configs import (
 from training import (
     applies,
     BF16,
+    compiled_run,
     EPROP,
     EPROP_PLAIN,
-    step_function,
     write_record,
 )
 
@@ -152,17 +152,8 @@ def kernel_times(
 
 
 def measure(config: Config, name: str, count: int) -> dict[str, Any]:
-    step, args = step_function(config, name)
-    compiled = jax.jit(step).lower(*args).compile()
+    run, compiled = compiled_run(config, name)  # first call made, untimed
     known = instructions(compiled.as_text())
-    carry = list(args[:2])
-
-    def run():
-        params, opt_state, loss = compiled(*carry, *args[2:])
-        jax.block_until_ready((params, opt_state, loss))
-        carry[:] = [params, opt_state]
-
-    run()  # the first call allocates; not timed
     wall = statistics.median(timed(run)[1] for _ in range(count))
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory, create_perfetto_trace=True):

@@ -213,6 +213,23 @@ def step_function(config: Config, name: str):
     return online_step(learner, static, optim), args
 
 
+def compiled_run(config: Config, name: str) -> tuple[Callable[[], None], Any]:
+    """`(run, compiled)`: `compiled` is `step_function`'s step, compiled, and each
+    `run()` one call of it that carries the parameters and optimiser state on to
+    the next. Called once here (the first call allocates)."""
+    step, args = step_function(config, name)
+    compiled = jax.jit(step).lower(*args).compile()
+    carry = list(args[:2])
+
+    def run() -> None:
+        params, opt_state, loss = compiled(*carry, *args[2:])
+        jax.block_until_ready((params, opt_state, loss))
+        carry[:] = [params, opt_state]
+
+    run()
+    return run, compiled
+
+
 def measure_step(step: Callable, args: tuple, count: int) -> dict[str, Any]:
     """Compile time, temporary memory and median wall time of `step(*args)`, which
     returns `(params, opt_state, loss)`; the first two are fed back in."""
