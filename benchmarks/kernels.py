@@ -56,6 +56,7 @@ from configs import (
 from training import (
     applies,
     BF16,
+    CHUNKED,
     compiled_run,
     EPROP,
     EPROP_PLAIN,
@@ -203,7 +204,7 @@ def table(r: dict[str, Any], top: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_size_options(parser, extra=(BF16, EPROP, EPROP_PLAIN))
+    add_size_options(parser, extra=(BF16, CHUNKED, EPROP, EPROP_PLAIN))
     parser.add_argument(
         "--top", type=int, default=20, help="kernels shown per table (default 20)"
     )

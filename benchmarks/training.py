@@ -4,7 +4,8 @@ One training step runs the model over a batch of sequences of `T` steps, takes t
 gradient of the summed per-step loss and applies an optax Adam update. The gradient
 comes from `etrace.online_grad` (D-RTRL, ES-D-RTRL: each step's gradient taken
 inside the scan and accumulated; `D-RTRL/bf16` is D-RTRL with its traces stored
-in bfloat16 through `etrace.ReducedPrecision`) or from `etrace.bptt_grad`
+in bfloat16 through `etrace.ReducedPrecision`; `D-RTRL/chunk` is D-RTRL with
+`online_grad(..., chunk=32)`) or from `etrace.bptt_grad`
 (back-propagation through time), on the same model in the same run, in float32.
 `e-prop` (LIF network only) is `etrace.EProp` with its filter `kappa` set to the
 leaky readout's leak, as in `examples/evidence_accumulation.py`; `e-prop/no-filter`
@@ -70,6 +71,9 @@ import etrace.nn as enn
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "training.json"
 BF16 = "D-RTRL/bf16"
+CHUNKED = "D-RTRL/chunk"
+# Steps per chunk of `D-RTRL/chunk` (`etrace.online_grad(..., chunk=CHUNK)`).
+CHUNK = 32
 EPROP = "e-prop"
 EPROP_PLAIN = "e-prop/no-filter"
 
@@ -148,6 +152,8 @@ def algorithms() -> dict[str, etrace.AbstractAlgorithm]:
         "ES-D-RTRL": etrace.ES_D_RTRL(decay=ES_DECAY),
         # D-RTRL with its traces stored in bfloat16 (etrace only).
         BF16: etrace.ReducedPrecision(etrace.D_RTRL(), jnp.bfloat16),
+        # D-RTRL with its traces advanced `CHUNK` steps at a time (etrace only).
+        CHUNKED: etrace.D_RTRL(),
         # The readout's leak `exp(-1/tau)`, tau = 20 steps (`SpikingNet.output`).
         EPROP: etrace.EProp(kappa=math.exp(-1 / 20.0)),
         # e-prop without a filter (its traces and read-out are D-RTRL's).
@@ -174,12 +180,19 @@ def broadcast(tree: Any, batch: int) -> Any:
     return jtu.tree_map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), tree)
 
 
-def online_step(learner: etrace.Learner, static: Any, optim) -> Callable:
+def chunk_of(name: str) -> int | None:
+    """The `chunk` that method `name` passes to `etrace.online_grad`."""
+    return CHUNK if name == CHUNKED else None
+
+
+def online_step(
+    learner: etrace.Learner, static: Any, optim, chunk: int | None = None
+) -> Callable:
     def step(params, opt_state, xs, targets):
         model = eqx.combine(params, static)
         trace_state = learner.init(batch_size=xs.shape[1])
         grads, _, losses = etrace.online_grad(
-            learner, mse, model, trace_state, xs, targets
+            learner, mse, model, trace_state, xs, targets, chunk=chunk
         )
         updates, opt_state = optim.update(grads, opt_state, params)
         return eqx.apply_updates(params, updates), opt_state, jnp.sum(losses)
@@ -210,7 +223,7 @@ def step_function(config: Config, name: str):
         return bptt_step(state, static, optim), args
     x0 = jnp.zeros(config.family.inputs, jnp.float32)
     learner, _ = etrace.compile(model, x0, state=state, algorithm=algorithms()[name])
-    return online_step(learner, static, optim), args
+    return online_step(learner, static, optim, chunk_of(name)), args
 
 
 def compiled_run(config: Config, name: str) -> tuple[Callable[[], None], Any]:
@@ -275,7 +288,7 @@ def measure(config: Config, names: Sequence[str], count: int) -> list[dict[str, 
                     model, x0, state=state, algorithm=algorithms()[name]
                 )
             )
-            step = online_step(learner, static, optim)
+            step = online_step(learner, static, optim, chunk_of(name))
             extra = {
                 "setup_seconds": setup_s,
                 "trace_bytes_per_example": trace_bytes(learner),
@@ -318,7 +331,7 @@ def write_record(
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_size_options(parser, extra=(BF16, EPROP, EPROP_PLAIN), processes=True)
+    add_size_options(parser, extra=(BF16, CHUNKED, EPROP, EPROP_PLAIN), processes=True)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="JSON path")
     args = parser.parse_args(argv)
     count = repeats(args)

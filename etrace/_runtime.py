@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from . import _ir
+from ._algorithm.d_rtrl import chunk_factors, chunk_readout, chunk_update, is_turned
 from ._compiler import Compiled
 from ._errors import EtraceError
 from ._graph import Graph, Group
@@ -257,6 +258,150 @@ def previous_readers() -> Iterator[set[str]]:
         yield names
     finally:
         _PREVIOUS.reset(token)
+
+
+# `online_grad(..., chunk=S)`: the keys under which a step's trace dictionary
+# carries what a chunk needs besides the traces (see `chunking`).
+RECORDS = "\x00records"
+PROBES = "\x00probes"
+SIGNALS = "\x00signals"
+
+_CHUNK: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "etrace_chunk", default=None
+)
+
+
+@contextlib.contextmanager
+def chunking(mode: str):
+    """While tracing a step of `online_grad(..., chunk=S)`: with `"collect"` the
+    step leaves the traces as they are, returns its Jacobians under `RECORDS`
+    and hands each group's learning signal back as the cotangent of a zero
+    `PROBES` entry; with `"flush"`, the chunk's last step, it advances the
+    traces over the whole chunk from the records and signals of the earlier
+    steps (`RECORDS`, `SIGNALS`) and reads out the chunk's gradient
+    (`chunk_update`, `chunk_readout`)."""
+    token = _CHUNK.set(mode)
+    try:
+        yield
+    finally:
+        _CHUNK.reset(token)
+
+
+def _signal_hook(signal):
+    """A `custom_vjp` identity on hidden values whose backward pass returns their
+    learning signal `signal(cot)` as the cotangent of `probe` (and nothing for
+    the weights, which it does not take)."""
+
+    @jax.custom_vjp
+    def hook(leaves, probe):
+        del probe
+        return leaves
+
+    def fwd(leaves, probe):
+        return hook(leaves, probe), None
+
+    def bwd(_, cot):
+        return cot, signal(cot)
+
+    hook.defvjp(fwd, bwd)
+    return hook
+
+
+def _flush_hook(read_out):
+    """A `custom_vjp` identity on hidden values whose backward pass hands their
+    cotangent to `read_out(*chunk, cot)`, which returns the weights' cotangents."""
+
+    @jax.custom_vjp
+    def hook(leaves, weights, chunk):
+        del weights, chunk
+        return leaves
+
+    def fwd(leaves, weights, chunk):
+        return hook(leaves, weights, chunk), chunk
+
+    def bwd(chunk, cot):
+        return cot, read_out(*chunk, cot), None
+
+    hook.defvjp(fwd, bwd)
+    return hook
+
+
+def _chunk_hook(sub, group, jac, D, traces, new_traces, new_vals, weights):
+    """`run_hook`'s work in a chunk's step (see `chunking`): returns the hooked
+    hidden values, and records or advances the traces in `new_traces`."""
+    units = sub.units
+    sg = jax.lax.stop_gradient
+
+    def signal(cot):
+        return jnp.stack([_flat(c) for c in cot], axis=-1)
+
+    if _CHUNK.get() == "collect":
+        records = new_traces.setdefault(RECORDS, {"D": {}, "Df": {}, "x": {}})
+        records["D"][group.name] = sg(D)
+        for u in units:
+            records["Df"][u.name] = sg(jac.Df[u.name])
+            records["x"][u.name] = sg(jac.x[u.name])
+        return _signal_hook(signal)(new_vals, traces[PROBES][group.name])
+
+    records = traces[RECORDS]
+
+    def joined(earlier, now):  # the chunk's steps, this one last
+        return jnp.concatenate([earlier, now[None]])
+
+    Ds = joined(records["D"][group.name], D)
+    Dfs = {u.name: joined(records["Df"][u.name], jac.Df[u.name]) for u in units}
+    xs = {u.name: joined(records["x"][u.name], jac.x[u.name]) for u in units}
+    mine = {u.name: traces[u.name] for u in units}
+    turned = {u.name: is_turned(u, mine[u.name]) for u in units}
+    P, Phi = chunk_factors(Ds)
+    for u in units:
+        new = chunk_update(
+            u,
+            mine[u.name],
+            u.gather(P, 1),
+            u.gather(Phi),
+            Dfs[u.name],
+            xs[u.name],
+            turned[u.name],
+        )
+        new_traces[u.name] = jtu.tree_map(sg, new)
+    dtypes = [jnp.result_type(w) for w in weights]
+
+    def read(chunk, c, summed):
+        mine, Ds, Dfs, xs = chunk
+        if summed:  # the steps first, as the records were made, the batch after
+            Ds, c, Dfs, xs = jtu.tree_map(
+                lambda a: jnp.swapaxes(a, 0, 1), (Ds, c, Dfs, xs)
+            )
+        m, q = chunk_factors(Ds, c)
+        axis = 2 if summed else 1
+        grads = [
+            chunk_readout(
+                u,
+                mine[u.name],
+                u.gather(m, axis),
+                u.gather(q, axis - 1),
+                Dfs[u.name],
+                xs[u.name],
+                turned[u.name],
+                summed,
+            )
+            for u in units
+        ]
+        return [
+            u.site.weight_from_canonical(g).astype(dt)
+            for u, g, dt in zip(units, grads, dtypes)
+        ]
+
+    def read_out(chunk, earlier, cot):
+        return read(chunk, joined(earlier, signal(cot)), False)
+
+    def summed(chunk, earlier, cot):  # every argument with a leading batch axis
+        now = jax.vmap(signal)(cot)[:, None]
+        return read(chunk, jnp.concatenate([earlier, now], axis=1), True)
+
+    chunk = jtu.tree_map(sg, ((mine, Ds, Dfs, xs), traces[SIGNALS][group.name]))
+    return _flush_hook(batch_summed(read_out, summed))(new_vals, weights, chunk)
 
 
 def _read_previous(sub: Graph) -> None:
@@ -514,6 +659,16 @@ def run_step(
             t=t,
             H=None if H is None else {group.name: H[group.name]},
         )
+        if _CHUNK.get() is not None:
+            Dc = D if H is None else H[group.name]
+            weights = [main[u.site.weight] for u in units]
+            out = _chunk_hook(
+                sub, group, jac, Dc, traces, new_traces, new_vals, weights
+            )
+            for s, val in zip(sinks, out):
+                if isinstance(s, int):
+                    hooked[s] = val
+            return
         mine = {u.name: traces[u.name] for u in units}
         updated = algorithm.update(sub, mine, jac)
         updated = jtu.tree_map(sg, updated)

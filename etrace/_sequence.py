@@ -15,10 +15,20 @@ import numpy as np
 from jaxtyping import Array, Float, PyTree
 
 from ._algorithm.base import after, fused
+from ._algorithm.d_rtrl import chunkable
 from ._compiler import keystr
 from ._errors import EtraceError
 from ._learner import Learner, TraceState
-from ._runtime import capability, fixed_weights, previous_readers, summed_batch
+from ._runtime import (
+    capability,
+    chunking,
+    fixed_weights,
+    previous_readers,
+    PROBES,
+    RECORDS,
+    SIGNALS,
+    summed_batch,
+)
 
 
 def _length(xs: Any, targets: Any, mask: Any) -> int:
@@ -147,6 +157,8 @@ def online_grad(
     targets: PyTree[Array],
     *,
     mask: Float[Array, " T"] | None = None,
+    # A positive `int`, validated with an `EtraceError`, hence `Any`.
+    chunk: Any = None,
 ) -> tuple[Any, TraceState, Float[Array, " T"]]:
     """The online gradient of a whole sequence, with memory independent of its length.
 
@@ -167,6 +179,13 @@ def online_grad(
     - `xs`, `targets`: pytrees with time on axis 0.
     - `mask`: optional weights of shape `(T,)`; step `t`'s loss is multiplied by
         `mask[t]` (0 advances state and traces only, e.g. during a warm-up).
+    - `chunk`: for D-RTRL and OSTL, advance the traces `chunk` steps at a time
+        (the last chunk may be shorter). The same gradient and traces in exact
+        arithmetic, computed with two passes over the traces per chunk instead of
+        per step, and the rest as matrix products over the chunk's steps; memory
+        grows by the chunk's Jacobians, inputs and learning signals (`chunk`
+        times a step's, independent of the sequence's length). Worth it where
+        the traces are larger than the CPU's caches (see the performance page).
 
     **Returns:**
 
@@ -184,13 +203,45 @@ def online_grad(
                     f"The trace state has batch size {size}, but `{what}` has "
                     f"{_batch_size(tree, 1, what)} on axis 1."
                 )
-    return _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask)
+    if chunk is not None:
+        _check_chunk(learner, chunk)
+    return _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask, chunk)
+
+
+def _check_chunk(learner: Learner, chunk: Any) -> None:
+    """`chunk` is a positive integer, and the learner's algorithm one whose traces
+    a chunk can advance: D-RTRL's (`AbstractDiagonalAlgorithm` with its shipped
+    recurrence and read-out), kept dense, with the learning signal of autodiff."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise EtraceError(
+            f"`chunk` must be a positive integer (steps per chunk), got {chunk!r}."
+        )
+    algorithm = learner.algorithm
+    name = type(algorithm).__name__
+    if not chunkable(algorithm):
+        raise EtraceError(
+            f"`online_grad(..., chunk=...)` advances D-RTRL traces (`D_RTRL`, "
+            f"`OSTLFeedforward`, `OSTLRecurrent`); {name} keeps other traces or "
+            "changes their recurrence or read-out. Leave `chunk` out."
+        )
+    if capability(algorithm, "feedback", None) is not None:
+        raise EtraceError(
+            f"{name} projects a feedback learning signal, which a chunk does not "
+            "collect; leave `chunk` out."
+        )
+    for u in learner.graph.units:
+        if algorithm.stores_sparse(u):
+            raise EtraceError(
+                f"`{u.site.name}` keeps its trace at its mask's non-zeros, which a "
+                "chunk does not advance: pass `D_RTRL(sparse=False)` to keep it "
+                "dense, or leave `chunk` out."
+            )
 
 
 # One program for the whole sequence, called eagerly or inside the caller's `jit`:
 # run eagerly, the scan and the bookkeeping around it would each compile apart.
 @eqx.filter_jit
-def _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask):
+def _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask, chunk):
     mask = _default_mask(xs, targets, mask)
     batched = jnp.ndim(trace_state.t) == 1
     size = 1
@@ -249,12 +300,93 @@ def _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask):
         return (ts, total), loss
 
     init = (trace_state, jtu.tree_map(_turn, zeros, turned))
+    if chunk is not None:
+        chunk_run = _chunk_run(learner, model, step_loss, turned, batched, size)
+        with summed_batch() if batched else contextlib.nullcontext(), fixed_weights():
+            (trace_state, grads), losses = _chunked_scan(
+                chunk_run, init, (xs, targets, mask), chunk
+            )
+        return jtu.tree_map(_turn, grads, turned), trace_state, losses
     # Under `grad(vmap(step))` the weights' gradient is a sum over the batch, which
     # the read-out can form itself (one matrix product for ES-D-RTRL, OTTT).
     summing = summed_batch() if batched else contextlib.nullcontext()
     with summing, fixed_weights():
         (trace_state, grads), losses = jax.lax.scan(body, init, (xs, targets, mask))
     return jtu.tree_map(_turn, grads, turned), trace_state, losses
+
+
+def _add_grads(total: Any, grads: Any, turned: Any) -> Any:
+    return jtu.tree_map(lambda s, g, t: fused(s) + _turn(g, t), total, grads, turned)
+
+
+def _chunk_run(learner, model, step_loss, turned, batched, size):
+    """One chunk of `online_grad(..., chunk=S)`: its steps but the last collect
+    their Jacobians and learning signals with the traces left as they are
+    (`chunking("collect")`), and the last advances the traces over the chunk and
+    reads out its gradient (`chunking("flush")`)."""
+    lead = (size,) if batched else ()
+    probes = {
+        g.name: jnp.zeros(lead + (g.n, g.k), g.dtype) for g in learner.graph.groups
+    }
+
+    def collect_loss(diff, ts, x, target, weight):
+        model, probes = diff
+        ts = TraceState(ts.state, {**ts.traces, PROBES: probes}, ts.t)
+        return step_loss(model, ts, x, target, weight)
+
+    grad_fn = eqx.filter_value_and_grad(step_loss, has_aux=True)
+    collect_grad = eqx.filter_value_and_grad(collect_loss, has_aux=True)
+
+    def run(carry, inputs):
+        ts, total = carry
+        traces = ts.traces
+        n = jnp.shape(inputs[2])[0]
+
+        def collect(c, step_inputs):
+            state, t, total = c
+            ts_in = TraceState(state, traces, t)
+            with chunking("collect"):
+                (_, (out, loss)), (grads, signals) = collect_grad(
+                    (model, probes), ts_in, *step_inputs
+                )
+            total = _add_grads(total, grads, turned)
+            return (out.state, out.t, total), (out.traces[RECORDS], signals, loss)
+
+        earlier = jtu.tree_map(lambda a: a[: n - 1], inputs)
+        (state, t, total), (records, signals, losses) = jax.lax.scan(
+            collect, (ts.state, ts.t, total), earlier
+        )
+        if batched:  # the batch first, as the step's vmap takes it
+            records, signals = jtu.tree_map(
+                lambda a: jnp.swapaxes(a, 0, 1), (records, signals)
+            )
+        ts_in = TraceState(state, {**traces, RECORDS: records, SIGNALS: signals}, t)
+        last = jtu.tree_map(lambda a: a[n - 1], inputs)
+        with chunking("flush"):
+            (_, (out, loss)), grads = grad_fn(model, ts_in, *last)
+        total = _add_grads(total, grads, turned)
+        out = TraceState(out.state, {k: out.traces[k] for k in traces}, out.t)
+        return (out, total), jnp.concatenate([losses, loss[None]])
+
+    return run
+
+
+def _chunked_scan(run, init, inputs, chunk):
+    """`run` over the sequence `chunk` steps at a time: a scan over the whole
+    chunks, then the rest."""
+    length = jnp.shape(inputs[2])[0]
+    whole, rest = divmod(length, chunk)
+    carry, losses = init, []
+    if whole:
+        shaped = jtu.tree_map(
+            lambda a: a[: whole * chunk].reshape((whole, chunk) + a.shape[1:]), inputs
+        )
+        carry, out = jax.lax.scan(run, carry, shaped)
+        losses.append(out.reshape(-1))
+    if rest:
+        carry, out = run(carry, jtu.tree_map(lambda a: a[whole * chunk :], inputs))
+        losses.append(out)
+    return carry, jnp.concatenate(losses)
 
 
 def bptt_grad(

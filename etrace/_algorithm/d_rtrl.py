@@ -8,6 +8,7 @@ import operator
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
@@ -20,6 +21,7 @@ from .base import (
     keeps_full_traces,
     outer_product_sum,
     overrides,
+    sum_states,
     weighted_states,
 )
 
@@ -508,3 +510,116 @@ class D_RTRL(AbstractDiagonalAlgorithm):
             raise EtraceError(
                 f"`D_RTRL(sparse=...)` must be True or False, got {self.sparse!r}."
             )
+
+
+# Chunks: `etrace.online_grad(..., chunk=S)` advances a D-RTRL trace over `S`
+# steps at once. Over a chunk that starts from `e0`, with `Phi(t, s) = D_t ...
+# D_{s+1}`, the trace is `e_t = Phi(t, -1) e0 + sum_{s<=t} Phi(t, s) Df_s x_s`,
+# so the chunk's end is `e = Phi(S-1, -1) e0 + sum_s g_s (x) x_s` with
+# `g_s = Phi(S-1, s) Df_s`, and the chunk's gradient `sum_t c_t . e_t` is
+# `q . e0 + sum_s (m_s . Df_s) (x) x_s` with the row vectors
+# `m_s = sum_{t>=s} c_t Phi(t, s)` (`m_s = c_s + m_{s+1} D_{s+1}`) and
+# `q = m_0 D_0`. The same arithmetic reassociated: two passes over the trace per
+# chunk instead of per step, the rest matrix products over the chunk's steps.
+# `P_s = Phi(S-1, s)`, `m_s`, `Phi(S-1, -1)` and `q` are per neuron, computed
+# once per group and gathered to each unit's outputs.
+
+
+def chunkable(algorithm) -> bool:
+    """Whether `online_grad(..., chunk=S)` can advance `algorithm`'s traces: an
+    `AbstractDiagonalAlgorithm` with the shipped traces, recurrence and read-out."""
+    return isinstance(algorithm, AbstractDiagonalAlgorithm) and not overrides(
+        algorithm, AbstractDiagonalAlgorithm, "init_unit", *_DIAGONAL_METHODS
+    )
+
+
+def _rows_times(m, D):
+    """`m @ D` over the last axes, `m` `(..., K)` (or `(..., K', K)`) and `D`
+    `(..., K, K)`, as element-wise operations: XLA on CPU runs these tiny
+    products as many small matrix products otherwise."""
+    if m.ndim == D.ndim:
+        return jnp.stack([_rows_times(m[..., i, :], D) for i in range(m.shape[-2])], -2)
+    return jnp.stack([sum_states(m * D[..., j]) for j in range(D.shape[-1])], axis=-1)
+
+
+def chunk_factors(D, c=None):
+    """Per neuron, over a chunk's steps (axis 0 of `D`, `(S, N, K, K)`): the
+    products `P` `(S, N, K, K)` and `Phi = P_0 D_0`; with the learning signals `c`
+    `(S, N, K)` instead, the row vectors `m` `(S, N, K)` and `q = m_0 D_0`."""
+    eye = jnp.broadcast_to(jnp.eye(D.shape[-1], dtype=D.dtype), D.shape[1:])
+    # `D_{s+1}` for each step `s`, the identity after the last.
+    following = jnp.concatenate([D[1:], eye[None]])
+    if c is None:
+
+        def products(P, Dn):
+            P = _rows_times(P, Dn)
+            return P, P
+
+        _, P = jax.lax.scan(products, eye, following, reverse=True)
+        return P, _rows_times(P[0], D[0])
+
+    def rows(m, inputs):
+        Dn, cs = inputs
+        m = cs + _rows_times(m, Dn)
+        return m, m
+
+    _, m = jax.lax.scan(rows, jnp.zeros_like(c[0]), (following, c), reverse=True)
+    return m, _rows_times(m[0], D[0])
+
+
+def _over_steps(a, x):
+    """`sum_n a[n, b, w, f] x[n, b, f, c]` as `(B, Fw, C)`: `outer_product_sum`,
+    or for one input (`C = 1`, an element-wise parameter) `x^T a` or a sum, which
+    XLA on CPU runs faster than the product it makes of it."""
+    n, b, w, f = a.shape
+    if x.shape[-1] != 1:
+        return outer_product_sum(a, x)
+    if b == 1 and f == 1:
+        return (x.reshape(1, n) @ a.reshape(n, w)).reshape(1, w, 1)
+    return jnp.sum(batch_sum(a * jnp.swapaxes(x, -1, -2)), axis=-1)[..., None]
+
+
+def chunk_update(unit: Unit, trace, P, Phi, Df, x, turned=False):
+    """The trace after a chunk of `S` steps from the trace `e0` before it, `Phi e0
+    + sum_s (P_s Df_s) (x) x_s`: `P` `(S, B, Fw, Fx, K, K)` and `Phi` `(B, Fw, Fx,
+    K, K)` gathered from `chunk_factors`, `Df` `(S, B, Fw, Fx, K)`, `x` `(S, B,
+    Fx, C)`; `trace` one array per state (canonical, or turned if `turned`; `None`
+    for a state whose previous value no update reads)."""
+    g = _rows_times(Df, jnp.swapaxes(P, -1, -2))
+    e0 = canonical(unit, trace) if turned else trace
+    out = []
+    for k, eps in enumerate(e0):
+        if eps is None:
+            out.append(None)
+            continue
+        # `sum_s g_s (x) x_s`, for each `f` apart (no sum over `f`).
+        if x.shape[-2] == 1:
+            new = _over_steps(g[..., k], x)[..., None, :]
+        else:
+            new = jax.vmap(_over_steps, (3, 2), 2)(g[..., k, None], x[..., None, :])
+        for j, other in enumerate(e0):
+            if other is not None:
+                new = new + Phi[..., k, j, None] * other
+        out.append(jnp.moveaxis(new, -1, -3) if turned else new)
+    return tuple(out)
+
+
+def chunk_readout(unit: Unit, trace, m, q, Df, x, turned=False, summed=False):
+    """A chunk's gradient `q . e0 + sum_s (m_s . Df_s) (x) x_s`, canonical `(B,
+    Fw, C)`: `m` `(S, B, Fw, Fx, K)` and `q` `(B, Fw, Fx, K)` gathered from
+    `chunk_factors`, the rest as for `chunk_update`. With `summed`, every argument
+    has a batch axis, summed over: after the steps' for `m`, `Df` and `x`, leading
+    for `q` and the trace."""
+    a = weighted_states(m, Df)
+    if summed:  # the steps and the batch as one axis, steps major
+        a, x = (jnp.reshape(v, (-1,) + v.shape[2:]) for v in (a, x))
+    grad = _over_steps(a, x)
+    e0 = canonical(unit, trace) if turned else trace
+    for j, eps in enumerate(e0):
+        if eps is None:
+            continue
+        term = q[..., j, None] * eps
+        if summed:
+            term = batch_sum(term)
+        grad = grad + jnp.sum(term, axis=-2)
+    return grad
