@@ -49,6 +49,12 @@ def test_sharded_batch_gradient_equals_single_device(sharded_report):
     assert sharded_report["max_rel_error"] < 1e-9
 
 
+def test_sharded_chunks_equal_single_device_steps(sharded_report):
+    # D-RTRL's chunks (`online_grad(..., chunk=5)`) on the batch split over four
+    # devices give the step-by-step gradient of one device.
+    assert sharded_report["chunk_max_rel_error"] < 1e-9
+
+
 def test_per_device_memory_falls_with_the_number_of_devices(sharded_report):
     ratio = (
         sharded_report["bytes_per_device_sharded"] / sharded_report["bytes_one_device"]
