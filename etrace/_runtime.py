@@ -28,7 +28,14 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from . import _ir
-from ._algorithm.d_rtrl import chunk_factors, chunk_readout, chunk_update, is_turned
+from ._algorithm.d_rtrl import (
+    chunk_products,
+    chunk_readout,
+    chunk_signals,
+    chunk_update,
+    is_turned,
+    split_entries,
+)
 from ._compiler import Compiled
 from ._errors import EtraceError
 from ._graph import Graph, Group
@@ -326,40 +333,53 @@ def _flush_hook(read_out):
     return hook
 
 
-def _chunk_hook(sub, group, jac, D, traces, new_traces, new_vals, weights):
+def _chunk_hook(
+    sub, group, jac, D, traces, new_traces, new_vals, weights, coupled=True
+):
     """`run_hook`'s work in a chunk's step (see `chunking`): returns the hooked
-    hidden values, and records or advances the traces in `new_traces`."""
+    hidden values, and records or advances the traces in `new_traces`. `D`, each
+    unit's `Df` and the learning signal are recorded entry by entry and state by
+    state (`split_entries`), without the structural zeros of `D` if `coupled`
+    (`D` is the group's diagonal Jacobian, not the full diagonal blocks `H`)."""
     units = sub.units
     sg = jax.lax.stop_gradient
+    pattern = group if coupled else None
 
     def signal(cot):
-        return jnp.stack([_flat(c) for c in cot], axis=-1)
+        return tuple(_flat(c) for c in cot)
+
+    def states(Df):
+        return tuple(Df[..., k] for k in range(group.k))
 
     if _CHUNK.get() == "collect":
         records = new_traces.setdefault(RECORDS, {"D": {}, "Df": {}, "x": {}})
-        records["D"][group.name] = sg(D)
+        records["D"][group.name] = sg(split_entries(D, pattern))
         for u in units:
-            records["Df"][u.name] = sg(jac.Df[u.name])
+            records["Df"][u.name] = sg(states(jac.Df[u.name]))
             records["x"][u.name] = sg(jac.x[u.name])
         return _signal_hook(signal)(new_vals, traces[PROBES][group.name])
 
     records = traces[RECORDS]
 
     def joined(earlier, now):  # the chunk's steps, this one last
-        return jnp.concatenate([earlier, now[None]])
+        return jtu.tree_map(lambda e, a: jnp.concatenate([e, a[None]]), earlier, now)
 
-    Ds = joined(records["D"][group.name], D)
-    Dfs = {u.name: joined(records["Df"][u.name], jac.Df[u.name]) for u in units}
+    Ds = joined(records["D"][group.name], split_entries(D, pattern))
+    Dfs = {u.name: joined(records["Df"][u.name], states(jac.Df[u.name])) for u in units}
     xs = {u.name: joined(records["x"][u.name], jac.x[u.name]) for u in units}
     mine = {u.name: traces[u.name] for u in units}
     turned = {u.name: is_turned(u, mine[u.name]) for u in units}
-    P, Phi = chunk_factors(Ds)
+    rows = sorted(
+        {k for u in units for k, eps in enumerate(mine[u.name]) if eps is not None}
+    )
+    steps = jnp.shape(xs[units[0].name])[0]
+    P, Phi = chunk_products(Ds, rows, steps, D.shape[:-2], D.dtype)
     for u in units:
         new = chunk_update(
             u,
             mine[u.name],
-            u.gather(P, 1),
-            u.gather(Phi),
+            jtu.tree_map(lambda a: u.gather(a, 1), P),
+            jtu.tree_map(u.gather, Phi),
             Dfs[u.name],
             xs[u.name],
             turned[u.name],
@@ -369,18 +389,22 @@ def _chunk_hook(sub, group, jac, D, traces, new_traces, new_vals, weights):
 
     def read(chunk, c, summed):
         mine, Ds, Dfs, xs = chunk
-        if summed:  # the steps first, as the records were made, the batch after
-            Ds, c, Dfs, xs = jtu.tree_map(
-                lambda a: jnp.swapaxes(a, 0, 1), (Ds, c, Dfs, xs)
-            )
-        m, q = chunk_factors(Ds, c)
+
+        def swapped(tree):  # the batch and the steps' axes swapped
+            return jtu.tree_map(lambda a: jnp.swapaxes(a, 0, 1), tree)
+
+        # The scan over the steps takes them first; `Df` and `x` keep the batch
+        # first, which the read-out's products merge with the steps.
+        m, q = chunk_signals(*swapped((Ds, c))) if summed else chunk_signals(Ds, c)
+        if summed:
+            m = swapped(m)
         axis = 2 if summed else 1
         grads = [
             chunk_readout(
                 u,
                 mine[u.name],
-                u.gather(m, axis),
-                u.gather(q, axis - 1),
+                jtu.tree_map(lambda a: u.gather(a, axis), m),
+                jtu.tree_map(lambda a: u.gather(a, axis - 1), q),
                 Dfs[u.name],
                 xs[u.name],
                 turned[u.name],
@@ -397,8 +421,11 @@ def _chunk_hook(sub, group, jac, D, traces, new_traces, new_vals, weights):
         return read(chunk, joined(earlier, signal(cot)), False)
 
     def summed(chunk, earlier, cot):  # every argument with a leading batch axis
-        now = jax.vmap(signal)(cot)[:, None]
-        return read(chunk, jnp.concatenate([earlier, now], axis=1), True)
+        now = jax.vmap(signal)(cot)
+        c = jtu.tree_map(
+            lambda e, a: jnp.concatenate([e, a[:, None]], axis=1), earlier, now
+        )
+        return read(chunk, c, True)
 
     chunk = jtu.tree_map(sg, ((mine, Ds, Dfs, xs), traces[SIGNALS][group.name]))
     return _flush_hook(batch_summed(read_out, summed))(new_vals, weights, chunk)
@@ -663,7 +690,7 @@ def run_step(
             Dc = D if H is None else H[group.name]
             weights = [main[u.site.weight] for u in units]
             out = _chunk_hook(
-                sub, group, jac, Dc, traces, new_traces, new_vals, weights
+                sub, group, jac, Dc, traces, new_traces, new_vals, weights, H is None
             )
             for s, val in zip(sinks, out):
                 if isinstance(s, int):

@@ -325,8 +325,9 @@ def _chunk_run(learner, model, step_loss, turned, batched, size):
     (`chunking("collect")`), and the last advances the traces over the chunk and
     reads out its gradient (`chunking("flush")`)."""
     lead = (size,) if batched else ()
-    probes = {
-        g.name: jnp.zeros(lead + (g.n, g.k), g.dtype) for g in learner.graph.groups
+    probes = {  # one per state, as the learning signal is recorded
+        g.name: tuple(jnp.zeros(lead + (g.n,), g.dtype) for _ in range(g.k))
+        for g in learner.graph.groups
     }
 
     def collect_loss(diff, ts, x, target, weight):

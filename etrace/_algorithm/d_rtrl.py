@@ -10,6 +10,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float
 
@@ -18,10 +19,10 @@ from .._graph import Unit
 from .base import (
     AbstractUnitAlgorithm,
     batch_sum,
+    fused,
     keeps_full_traces,
     outer_product_sum,
     overrides,
-    sum_states,
     weighted_states,
 )
 
@@ -533,38 +534,107 @@ def chunkable(algorithm) -> bool:
     )
 
 
-def _rows_times(m, D):
-    """`m @ D` over the last axes, `m` `(..., K)` (or `(..., K', K)`) and `D`
-    `(..., K, K)`, as element-wise operations: XLA on CPU runs these tiny
-    products as many small matrix products otherwise."""
-    if m.ndim == D.ndim:
-        return jnp.stack([_rows_times(m[..., i, :], D) for i in range(m.shape[-2])], -2)
-    return jnp.stack([sum_states(m * D[..., j]) for j in range(D.shape[-1])], axis=-1)
+def split_entries(D, group=None):
+    """`D` `(..., K, K)` as rows of its entries `D[..., k, j]`, `None` where
+    `group.coupling` makes one zero (every entry without a `group`). A chunk
+    records `D` and `Df` so: with the few states on the minor axis, XLA on CPU
+    stacks, transposes and joins them many times slower than arrays with the
+    neurons on it."""
+    k = D.shape[-1]
+    return tuple(
+        tuple(
+            D[..., i, j] if group is None or group.couples(i, j) else None
+            for j in range(k)
+        )
+        for i in range(k)
+    )
 
 
-def chunk_factors(D, c=None):
-    """Per neuron, over a chunk's steps (axis 0 of `D`, `(S, N, K, K)`): the
-    products `P` `(S, N, K, K)` and `Phi = P_0 D_0`; with the learning signals `c`
-    `(S, N, K)` instead, the row vectors `m` `(S, N, K)` and `q = m_0 D_0`."""
-    eye = jnp.broadcast_to(jnp.eye(D.shape[-1], dtype=D.dtype), D.shape[1:])
-    # `D_{s+1}` for each step `s`, the identity after the last.
-    following = jnp.concatenate([D[1:], eye[None]])
-    if c is None:
+def _total(terms):
+    """The sum of `terms`, `None` (zero) for none."""
+    return functools.reduce(operator.add, terms) if terms else None
 
-        def products(P, Dn):
-            P = _rows_times(P, Dn)
-            return P, P
 
-        _, P = jax.lax.scan(products, eye, following, reverse=True)
-        return P, _rows_times(P[0], D[0])
+def _row_times(m, D):
+    """The row vector `m` (one entry per state, `None` for zero) times the matrix
+    of entries `D` (`split_entries`), entry by entry."""
+    return tuple(
+        _total(
+            [
+                m[i] * D[i][j]
+                for i in range(len(m))
+                if m[i] is not None and D[i][j] is not None
+            ]
+        )
+        for j in range(len(D))
+    )
 
-    def rows(m, inputs):
+
+def _reach(D) -> np.ndarray:
+    """Where a product of one or more of the chunk's `D` can be non-zero, from
+    the pattern of the entries (`split_entries`)."""
+    z = np.array([[a is not None for a in row] for row in D], dtype=int)
+    reach = z > 0
+    while True:
+        more = reach | ((reach.astype(int) @ z) > 0)
+        if (more == reach).all():
+            return reach
+        reach = more
+
+
+def chunk_products(D, rows, steps, shape, dtype):
+    """Rows `rows` of `P_s = D_{S-1} ... D_{s+1}` (the identity for the last step)
+    for each of a chunk's `steps`, and of `Phi = P_0 D_0`: `D` the chunk's entries
+    (`split_entries`, each `(S,) + shape`). Returns dictionaries from each row
+    `k` to its entries, `(S,) + shape` for `P` and `shape` for `Phi` (`None`
+    where they are zero at every step)."""
+    k = len(D)
+    keep = _reach(D) | np.eye(k, dtype=bool)
+    one, zero = jnp.ones(shape, dtype), jnp.zeros(shape, dtype)
+    last = {
+        r: tuple((one if r == j else zero) if keep[r, j] else None for j in range(k))
+        for r in rows
+    }
+
+    def step(P, Dn):  # `P_s = P_{s+1} D_{s+1}`, on the entries `keep` allows
+        P = {
+            r: tuple(
+                (zero if a is None else a) if keep[r, j] else None
+                for j, a in enumerate(_row_times(P[r], Dn))
+            )
+            for r in rows
+        }
+        return P, P
+
+    D_next = jtu.tree_map(lambda a: a[1:], D)
+    _, earlier = jax.lax.scan(step, last, D_next, steps - 1, reverse=True)
+    P = jtu.tree_map(lambda e, a: jnp.concatenate([e, a[None]]), earlier, last)
+    D0 = jtu.tree_map(lambda a: a[0], D)
+    Phi = {r: _row_times(jtu.tree_map(lambda a: a[0], P[r]), D0) for r in rows}
+    return P, Phi
+
+
+def chunk_signals(D, c):
+    """The row vectors `m_s = c_s + m_{s+1} D_{s+1}` (`m_{S-1} = c_{S-1}`) for
+    each step of a chunk, and `q = m_0 D_0`: `D` the chunk's entries
+    (`split_entries`), `c` its learning signals, one `(S, ...)` array per state.
+    Returns `m` (one array per state) and `q` (`None` where zero)."""
+    D_next = jtu.tree_map(lambda a: a[1:], D)
+    c_earlier = tuple(a[:-1] for a in c)
+    last = tuple(a[-1] for a in c)
+
+    def step(m, inputs):
         Dn, cs = inputs
-        m = cs + _rows_times(m, Dn)
+        m = tuple(
+            cs[j] if t is None else cs[j] + t for j, t in enumerate(_row_times(m, Dn))
+        )
         return m, m
 
-    _, m = jax.lax.scan(rows, jnp.zeros_like(c[0]), (following, c), reverse=True)
-    return m, _rows_times(m[0], D[0])
+    _, earlier = jax.lax.scan(
+        step, last, (D_next, c_earlier), c[0].shape[0] - 1, reverse=True
+    )
+    m = tuple(jnp.concatenate([e, a[None]]) for e, a in zip(earlier, last))
+    return m, _row_times(tuple(a[0] for a in m), jtu.tree_map(lambda a: a[0], D))
 
 
 def _over_steps(a, x):
@@ -581,44 +651,44 @@ def _over_steps(a, x):
 
 def chunk_update(unit: Unit, trace, P, Phi, Df, x, turned=False):
     """The trace after a chunk of `S` steps from the trace `e0` before it, `Phi e0
-    + sum_s (P_s Df_s) (x) x_s`: `P` `(S, B, Fw, Fx, K, K)` and `Phi` `(B, Fw, Fx,
-    K, K)` gathered from `chunk_factors`, `Df` `(S, B, Fw, Fx, K)`, `x` `(S, B,
-    Fx, C)`; `trace` one array per state (canonical, or turned if `turned`; `None`
-    for a state whose previous value no update reads)."""
-    g = _rows_times(Df, jnp.swapaxes(P, -1, -2))
+    + sum_s (P_s Df_s) (x) x_s`: `P` and `Phi` the rows of `chunk_products`
+    gathered to the unit's outputs (`(S, B, Fw, Fx)` and `(B, Fw, Fx)` entries),
+    `Df` one `(S, B, Fw, Fx)` array per state, `x` `(S, B, Fx, C)`; `trace` one
+    array per state (canonical, or turned if `turned`; `None` for a state whose
+    previous value no update reads)."""
     e0 = canonical(unit, trace) if turned else trace
     out = []
     for k, eps in enumerate(e0):
         if eps is None:
             out.append(None)
             continue
+        g = _weighted(P[k], Df)  # `P[k][k]` is there: never `None`
         # `sum_s g_s (x) x_s`, for each `f` apart (no sum over `f`).
         if x.shape[-2] == 1:
-            new = _over_steps(g[..., k], x)[..., None, :]
+            new = _over_steps(g, x)[..., None, :]
         else:
-            new = jax.vmap(_over_steps, (3, 2), 2)(g[..., k, None], x[..., None, :])
+            new = jax.vmap(_over_steps, (3, 2), 2)(g[..., None], x[..., None, :])
         for j, other in enumerate(e0):
-            if other is not None:
-                new = new + Phi[..., k, j, None] * other
+            if other is not None and Phi[k][j] is not None:
+                new = new + Phi[k][j][..., None] * other
         out.append(jnp.moveaxis(new, -1, -3) if turned else new)
     return tuple(out)
 
 
 def chunk_readout(unit: Unit, trace, m, q, Df, x, turned=False, summed=False):
     """A chunk's gradient `q . e0 + sum_s (m_s . Df_s) (x) x_s`, canonical `(B,
-    Fw, C)`: `m` `(S, B, Fw, Fx, K)` and `q` `(B, Fw, Fx, K)` gathered from
-    `chunk_factors`, the rest as for `chunk_update`. With `summed`, every argument
-    has a batch axis, summed over: after the steps' for `m`, `Df` and `x`, leading
-    for `q` and the trace."""
-    a = weighted_states(m, Df)
-    if summed:  # the steps and the batch as one axis, steps major
+    Fw, C)`: `m` and `q` from `chunk_signals` gathered to the unit's outputs, the
+    rest as for `chunk_update`. With `summed`, every argument has a leading batch
+    axis, summed over (before the steps' axis for `m`, `Df` and `x`)."""
+    a = fused(_weighted_all(m, Df))
+    if summed:  # the batch and the steps as one axis
         a, x = (jnp.reshape(v, (-1,) + v.shape[2:]) for v in (a, x))
     grad = _over_steps(a, x)
     e0 = canonical(unit, trace) if turned else trace
     for j, eps in enumerate(e0):
-        if eps is None:
+        if eps is None or q[j] is None:
             continue
-        term = q[..., j, None] * eps
+        term = q[j][..., None] * eps
         if summed:
             term = batch_sum(term)
         grad = grad + jnp.sum(term, axis=-2)
