@@ -366,7 +366,10 @@ def _chunk_run(learner, model, step_loss, turned, batched, size):
         with chunking("flush"):
             (_, (out, loss)), grads = grad_fn(model, ts_in, *last)
         total = _add_grads(total, grads, turned)
-        out = TraceState(out.state, {k: out.traces[k] for k in traces}, out.t)
+        # The new traces after the read-out, which reads the chunk's first ones:
+        # XLA can then write them in place (see `_after_read_out`).
+        new = after({k: out.traces[k] for k in traces}, grads)
+        out = TraceState(out.state, new, out.t)
         return (out, total), jnp.concatenate([losses, loss[None]])
 
     return run

@@ -2,6 +2,8 @@
 the gradient and traces of the step-by-step recurrence (and BPTT's gradient in
 its exact regime); the refusals."""
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -132,6 +134,35 @@ def test_chunks_with_a_mask_under_jit():
     assert rel_err(got_losses, losses) < 1e-12
     unmasked, _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys, chunk=4)
     assert _worst(got, unmasked) > 1e-3  # the mask reached the learning signals
+
+
+def test_chunks_write_the_new_traces_over_the_old(monkeypatch):
+    # The chunk's read-out reads the traces it starts from and its update writes
+    # new ones: `online_grad` makes the update wait for the read-out, so that XLA
+    # writes the new traces over the old instead of copying them every chunk.
+    # (For traces of a few thousand numbers XLA copies them either way.)
+    from etrace import _sequence
+
+    model, h0 = build("lif", 64, 256, 2, seed=4)
+    xs, ys = data(4, 8, 64, 2, batch=16)
+    learner, _ = etrace.compile(model, xs[0, 0], state=h0)
+    ts = learner.init(batch_size=16)
+    (shape,) = {a.shape for a in jtu.tree_leaves(ts.traces) if a.shape[-1] == 64}
+    copy = re.compile(rf"= f64\[{','.join(map(str, shape))}\]\S* copy\(%get-tuple")
+
+    def copies() -> int:
+        def loss(y, target):  # a new function each time: `online_grad` retraces
+            return mse(y, target)
+
+        run = jax.jit(
+            lambda ts: etrace.online_grad(learner, loss, model, ts, xs, ys, chunk=4)
+        )
+        return len(copy.findall(run.lower(ts).compile().as_text()))
+
+    assert copies() == 0
+    # Control: without the order, the chunk's starting traces are copied.
+    monkeypatch.setattr(_sequence, "after", lambda tree, reads: tree)
+    assert copies() == 1
 
 
 @pytest.mark.parametrize("chunk", [0, -2, 2.0, True, "4"])
