@@ -376,7 +376,6 @@ def _chunk_hook(
     P, Phi = chunk_products(Ds, rows, steps, D.shape[:-2], D.dtype)
     for u in units:
         new = chunk_update(
-            u,
             mine[u.name],
             jtu.tree_map(lambda a: u.gather(a, 1), P),
             jtu.tree_map(u.gather, Phi),
@@ -401,7 +400,6 @@ def _chunk_hook(
         axis = 2 if summed else 1
         grads = [
             chunk_readout(
-                u,
                 mine[u.name],
                 jtu.tree_map(lambda a: u.gather(a, axis), m),
                 jtu.tree_map(lambda a: u.gather(a, axis - 1), q),

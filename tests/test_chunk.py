@@ -83,14 +83,16 @@ def test_chunks_equal_the_step_by_step_recurrence(family, algorithm, batch):
 
 @pytest.mark.parametrize(
     "problem",
-    ["leaky", "conv_lif", "conv2d_groups"],
+    ["leaky", "conv_lif", "conv_lif_turned", "conv2d_groups"],
 )
 def test_chunks_equal_bptt_in_d_rtrls_exact_regime(problem):
     if problem == "leaky":
         model, h0 = build("leaky", 3, 5, 2, seed=2)
         xs, ys = data(2, 9, 3, 2)
-    elif problem == "conv_lif":  # several positions per weight (`Fx = 6`), K = 2
+    elif problem.startswith("conv_lif"):  # several positions (`Fx = 6`), K = 2
         model, h0, xs, ys = _conv_problem(ConvLIF, seed=0, length=9)
+        if problem == "conv_lif_turned":  # 4 x 6 outputs of 6 inputs: turned
+            model, h0 = eqx.nn.make_with_state(ConvLIF)(jax.random.key(0), c_out=4)
         rates = et.liveness(model, xs, state=h0).rates
         assert rates and all(0.0 < r < 1.0 for r in rates.values())
     else:  # grouped convolution: a block axis `B = 2`
@@ -99,6 +101,8 @@ def test_chunks_equal_bptt_in_d_rtrls_exact_regime(problem):
         h0 = jnp.zeros(model.conv(xs[0]).shape)
         ys = jax.random.normal(jax.random.key(4), (9, 2))
     learner, ts = etrace.compile(model, xs[0], state=h0)
+    turned = learner.algorithm.transposed_gradients(learner.graph, ts.traces)
+    assert bool(turned) == (problem == "conv_lif_turned")
     exact, _ = etrace.bptt_grad(mse, model, h0, xs, ys)
     got, _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys, chunk=4)
     assert _worst(got, exact) < 1e-9

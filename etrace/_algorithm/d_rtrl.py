@@ -637,59 +637,69 @@ def chunk_signals(D, c):
     return m, _row_times(tuple(a[0] for a in m), jtu.tree_map(lambda a: a[0], D))
 
 
-def _over_steps(a, x):
-    """`sum_n a[n, b, w, f] x[n, b, f, c]` as `(B, Fw, C)`: `outer_product_sum`,
-    or for one input (`C = 1`, an element-wise parameter) `x^T a` or a sum, which
-    XLA on CPU runs faster than the product it makes of it."""
+def _over_steps(a, x, turned=False):
+    """`sum_n a[n, b, w, f] x[n, b, f, c]` as `(B, Fw, C)` (`(B, C, Fw)` if
+    `turned`): `outer_product_sum`, or for one input (`C = 1`, an element-wise
+    parameter) `x^T a` or a sum, which XLA on CPU runs faster than the product it
+    makes of it."""
     n, b, w, f = a.shape
     if x.shape[-1] != 1:
-        return outer_product_sum(a, x)
+        return outer_product_sum(a, x, turned)
     if b == 1 and f == 1:
-        return (x.reshape(1, n) @ a.reshape(n, w)).reshape(1, w, 1)
-    return jnp.sum(batch_sum(a * jnp.swapaxes(x, -1, -2)), axis=-1)[..., None]
+        out = (x.reshape(1, n) @ a.reshape(n, w)).reshape(1, w, 1)
+    else:
+        out = jnp.sum(batch_sum(a * jnp.swapaxes(x, -1, -2)), axis=-1)[..., None]
+    return jnp.swapaxes(out, -1, -2) if turned else out
 
 
-def chunk_update(unit: Unit, trace, P, Phi, Df, x, turned=False):
+def _lift(a, turned):
+    """A per-output factor `(..., B, Fw, Fx)` against the traces (with a unit `C`
+    axis where the trace has it)."""
+    return jnp.expand_dims(a, -3) if turned else a[..., None]
+
+
+def chunk_update(trace, P, Phi, Df, x, turned=False):
     """The trace after a chunk of `S` steps from the trace `e0` before it, `Phi e0
     + sum_s (P_s Df_s) (x) x_s`: `P` and `Phi` the rows of `chunk_products`
     gathered to the unit's outputs (`(S, B, Fw, Fx)` and `(B, Fw, Fx)` entries),
     `Df` one `(S, B, Fw, Fx)` array per state, `x` `(S, B, Fx, C)`; `trace` one
-    array per state (canonical, or turned if `turned`; `None` for a state whose
-    previous value no update reads)."""
-    e0 = canonical(unit, trace) if turned else trace
+    array per state (canonical, or turned if `turned`, and so returned; `None`
+    for a state whose previous value no update reads)."""
     out = []
-    for k, eps in enumerate(e0):
+    for k, eps in enumerate(trace):
         if eps is None:
             out.append(None)
             continue
         g = _weighted(P[k], Df)  # `P[k][k]` is there: never `None`
-        # `sum_s g_s (x) x_s`, for each `f` apart (no sum over `f`).
+        # `sum_s g_s (x) x_s`, for each `f` apart (no sum over `f`), in the
+        # trace's layout.
         if x.shape[-2] == 1:
-            new = _over_steps(g, x)[..., None, :]
+            new = jnp.expand_dims(_over_steps(g, x, turned), -1 if turned else -2)
         else:
             new = jax.vmap(_over_steps, (3, 2), 2)(g[..., None], x[..., None, :])
-        for j, other in enumerate(e0):
+            new = jnp.moveaxis(new, -1, -3) if turned else new
+        for j, other in enumerate(trace):
             if other is not None and Phi[k][j] is not None:
-                new = new + Phi[k][j][..., None] * other
-        out.append(jnp.moveaxis(new, -1, -3) if turned else new)
+                new = new + _lift(Phi[k][j], turned) * other
+        out.append(new)
     return tuple(out)
 
 
-def chunk_readout(unit: Unit, trace, m, q, Df, x, turned=False, summed=False):
+def chunk_readout(trace, m, q, Df, x, turned=False, summed=False):
     """A chunk's gradient `q . e0 + sum_s (m_s . Df_s) (x) x_s`, canonical `(B,
     Fw, C)`: `m` and `q` from `chunk_signals` gathered to the unit's outputs, the
-    rest as for `chunk_update`. With `summed`, every argument has a leading batch
+    rest as for `chunk_update`; formed in the trace's layout, `(B, C, Fw)` if
+    `turned`, and swapped last. With `summed`, every argument has a leading batch
     axis, summed over (before the steps' axis for `m`, `Df` and `x`)."""
     a = fused(_weighted_all(m, Df))
     if summed:  # the batch and the steps as one axis
         a, x = (jnp.reshape(v, (-1,) + v.shape[2:]) for v in (a, x))
-    grad = _over_steps(a, x)
-    e0 = canonical(unit, trace) if turned else trace
-    for j, eps in enumerate(e0):
+    grad = _over_steps(a, x, turned)
+    for j, eps in enumerate(trace):
         if eps is None or q[j] is None:
             continue
-        term = q[j][..., None] * eps
+        term = _lift(q[j], turned) * eps
         if summed:
             term = batch_sum(term)
-        grad = grad + jnp.sum(term, axis=-2)
-    return grad
+        grad = grad + jnp.sum(term, axis=-1 if turned else -2)
+    return jnp.swapaxes(grad, -1, -2) if turned else grad
