@@ -251,20 +251,23 @@ def previous_factors(D, signal, Df, group=None):
     return s, weighted_states(signal, Df)
 
 
+def _lift(a, turned):
+    """A per-output factor `(..., B, Fw, Fx)` against the traces (with a unit `C`
+    axis where the trace has it)."""
+    return jnp.expand_dims(a, -3) if turned else a[..., None]
+
+
 def previous_readout(previous, s, cdf, x, summed=False, turned=False):
     """`diagonal_readout` of the traces after the update, from the traces before
     it: `sum_j s_j eps_j^{t-1} + (sum_k c_k Df_k) (x) x`. Summed over a leading
     batch axis with `summed`; from turned traces if `turned`."""
-
-    def lift(sj):  # `(..., B, Fw, Fx)` against the traces
-        return jnp.expand_dims(sj, -3) if turned else sj[..., None]
 
     def over_fx(total):  # the sum over `Fx`, to `(..., B, Fw, C)`
         if turned:
             return jnp.swapaxes(jnp.sum(total, -1), -1, -2)
         return jnp.sum(total, axis=-2)
 
-    total = _weighted([None if sj is None else lift(sj) for sj in s], previous)
+    total = _weighted([None if sj is None else _lift(sj, turned) for sj in s], previous)
     if summed:
         grad = outer_product_sum(cdf, x)
         if total is not None:
@@ -650,12 +653,6 @@ def _over_steps(a, x, turned=False):
     else:
         out = jnp.sum(batch_sum(a * jnp.swapaxes(x, -1, -2)), axis=-1)[..., None]
     return jnp.swapaxes(out, -1, -2) if turned else out
-
-
-def _lift(a, turned):
-    """A per-output factor `(..., B, Fw, Fx)` against the traces (with a unit `C`
-    axis where the trace has it)."""
-    return jnp.expand_dims(a, -3) if turned else a[..., None]
 
 
 def chunk_update(trace, P, Phi, Df, x, turned=False):
