@@ -4,7 +4,6 @@ from . import nn as nn
 from ._algorithm.base import (
     AbstractAlgorithm as AbstractAlgorithm,
     AbstractUnitAlgorithm as AbstractUnitAlgorithm,
-    batch_sum as batch_sum,
 )
 from ._algorithm.d_rtrl import D_RTRL as D_RTRL
 from ._algorithm.eprop import EProp as EProp
@@ -28,8 +27,8 @@ from ._algorithm.uoro import UORO as UORO
 from ._algorithm.wrapped import AbstractWrappedAlgorithm as AbstractWrappedAlgorithm
 from ._errors import EtraceError as EtraceError, EtraceWarning as EtraceWarning
 from ._graph import Graph as Graph, Group as Group, Site as Site, Unit as Unit
+from ._kernels import batch_sum as batch_sum
 from ._learner import compile as compile, Learner as Learner, TraceState as TraceState
-from ._runtime import Jacobians as Jacobians
 from ._sequence import (
     bptt_grad as bptt_grad,
     compare as compare,
@@ -37,6 +36,7 @@ from ._sequence import (
     online_grad as online_grad,
 )
 from ._shard import shard_batch as shard_batch
+from ._step import Jacobians as Jacobians
 
 
 __version__ = "0.1.0"

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._ir import Operand
+from ._kernels import tile
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -141,11 +142,6 @@ class Site:
         return jnp.transpose(g, tuple(np.argsort(self.w_perm)))
 
 
-# Up to this many repetitions of the neurons (a GRU's three gates, an LSTM's four),
-# `Unit.gather` concatenates copies instead of broadcasting.
-_CONCATENATED = 8
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Unit:
     """One site feeding one hidden group: the thing an algorithm keeps traces for.
@@ -195,14 +191,7 @@ class Unit:
         lead, rest = a.shape[:axis], a.shape[axis + 1 :]
         span = np.arange(n)
         if m % n == 0 and np.array_equal(flat, np.tile(span, m // n)):
-            if m // n <= _CONCATENATED:
-                # Copies side by side: XLA on CPU runs an element-wise loop that
-                # reads a concatenation about twice as fast as one that reads a
-                # broadcast (whose index it divides back out per element).
-                out = jnp.concatenate([a] * (m // n), axis=axis)
-            else:
-                out = jnp.expand_dims(a, axis)
-                out = jnp.broadcast_to(out, lead + (m // n, n) + rest)
+            out = tile(a, m // n, axis)
         elif m % n == 0 and np.array_equal(flat, np.repeat(span, m // n)):
             out = jnp.expand_dims(a, axis + 1)
             out = jnp.broadcast_to(out, lead + (n, m // n) + rest)
@@ -239,6 +228,7 @@ class Graph:
     - `outputs`: per group name, the positions `k` of its state leaves whose new
         values a weight op reads in the same step (the neuron's output, e.g. the
         spike leaf): where a feedback learning signal is delivered.
+    - `paths`: the paths of the model's arrays, indexed as `Site.params`.
     """
 
     groups: tuple[Group, ...]
@@ -248,6 +238,14 @@ class Graph:
     pattern: Any = None
     downstream: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     outputs: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    paths: tuple[str, ...] = ()
+
+    def units_of(self, path: str) -> tuple[Unit, ...]:
+        """The units whose weight depends on the model array at `path`."""
+        if path not in self.paths:
+            return ()
+        index = self.paths.index(path)
+        return tuple(u for u in self.units if index in u.site.params)
 
     def jacobian_pattern(self, sparse: bool = False) -> tuple[Any, dict[str, Any]]:
         """The structural non-zero pattern of the full hidden-to-hidden Jacobian
@@ -274,6 +272,7 @@ class Graph:
             (),
             downstream={group.name: self.downstream.get(group.name, ())},
             outputs={group.name: self.outputs.get(group.name, ())},
+            paths=self.paths,
         )
 
     def unit_bytes(self, unit: Unit, per_element: int) -> int:

@@ -265,3 +265,33 @@ def literal_value(program: Program, v: Operand, cache: dict[int, Any]) -> Any:
     for o, val in zip(eqn.outs, outs):
         cache[o] = np.asarray(val)
     return cache[v]
+
+
+def ancestors(
+    program: Program, roots: Sequence[int], stop: Callable[[int], bool]
+) -> tuple[set[int], set[int]]:
+    """The equations reached backwards from the variables `roots`; `stop(v)` ends
+    the walk at `v`. Returns the equations and the variables where it stopped."""
+    eqns: set[int] = set()
+    stopped: set[int] = set()
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if stop(v):
+            stopped.add(v)
+            continue
+        p = program.producer.get(v)
+        if p is None or p in eqns:
+            continue
+        eqns.add(p)
+        stack.extend(a for a in program.eqns[p].ins if isinstance(a, int))
+    return eqns, stopped
+
+
+def everything(program: Program, roots: Sequence[int]) -> set[int]:
+    """Every equation the variables `roots` depend on."""
+    return ancestors(program, roots, lambda v: False)[0]

@@ -13,21 +13,19 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Int, PyTree
 
 from ._algorithm.base import AbstractAlgorithm
-from ._algorithm.d_rtrl import AbstractDiagonalAlgorithm, canonical, D_RTRL
-from ._algorithm.eprop import EProp
-from ._compiler import (
-    _Leaf,
+from ._algorithm.d_rtrl import D_RTRL
+from ._analysis import (
     analyse,
-    attach_pattern,
     Compiled,
     initial_state,
     keystr,
+    Leaf,
     split_model,
     warn_one_step,
 )
 from ._errors import EtraceError
 from ._graph import Graph
-from ._runtime import capability, run_step
+from ._step import ChunkIO, run_step, StepOptions
 
 
 class TraceState(eqx.Module):
@@ -137,6 +135,47 @@ class Learner(eqx.Module):
         was compiled. With `check_finite` (see `etrace.compile`), a runtime error
         naming the parameter when a trace or a gradient stops being finite.
         """
+        y, trace_state, _ = self._run(model, trace_state, x, target)
+        return y, trace_state
+
+    def _run(
+        self,
+        model: Any,
+        trace_state: TraceState,
+        x: PyTree[Array],
+        target: PyTree[Array] | None = None,
+        options: StepOptions = StepOptions(),
+        io: ChunkIO = ChunkIO(),
+    ) -> tuple[Any, TraceState, dict[str, Any]]:
+        """`step` with explicit static `options` and a chunk's `io` (see
+        `etrace._step`); also returns what a chunk's step recorded."""
+        c = self.compiled
+        dyn = self._checked_model(model)
+        x_leaves = self._checked_input(x)
+        state_leaves = self._checked_state(trace_state)
+        out = run_step(
+            c,
+            self.algorithm,
+            dyn + state_leaves + x_leaves,
+            trace_state.traces,
+            trace_state.t,
+            target,
+            options,
+            io,
+        )
+        traces = out.traces
+        if self.check_finite:
+            traces = {
+                k: _finite_trace(v, self._trace_owner(k)) for k, v in traces.items()
+            }
+        new = TraceState(
+            state=jtu.tree_unflatten(c.step.state_def, out.state),
+            traces=traces,
+            t=trace_state.t + 1,
+        )
+        return jtu.tree_unflatten(c.step.y_def, out.y), new, out.records
+
+    def _checked_model(self, model: Any) -> list[Any]:
         c = self.compiled
         dyn, treedef, static = split_model(model)
         if self.check_finite:
@@ -154,6 +193,10 @@ class Learner(eqx.Module):
             "Pass a model of the same structure, shapes and dtypes as the compiled "
             "one, or compile again.",
         )
+        return list(dyn)
+
+    def _checked_input(self, x: Any) -> list[Any]:
+        c = self.compiled.step
         x_leaves, x_def = jtu.tree_flatten(x)
         if x_def != c.x_def:
             raise EtraceError(
@@ -167,6 +210,10 @@ class Learner(eqx.Module):
             x_leaves,
             _X_HINT,
         )
+        return [jnp.asarray(v) for v in x_leaves]
+
+    def _checked_state(self, trace_state: TraceState) -> list[Any]:
+        c = self.compiled.step
         state_leaves, state_def = jtu.tree_flatten(trace_state.state)
         if state_def != c.state_def:
             raise EtraceError(
@@ -181,26 +228,7 @@ class Learner(eqx.Module):
             state_leaves,
             "Use the trace state from this learner's `init` (vmap `step` for a batch).",
         )
-        y, new_state, traces = run_step(
-            c,
-            self.algorithm,
-            dyn,
-            [jnp.asarray(s) for s in state_leaves],
-            [jnp.asarray(v) for v in x_leaves],
-            trace_state.traces,
-            trace_state.t,
-            target,
-        )
-        if self.check_finite:
-            traces = {
-                k: _finite_trace(v, self._trace_owner(k)) for k, v in traces.items()
-            }
-        new = TraceState(
-            state=jtu.tree_unflatten(c.state_def, new_state),
-            traces=traces,
-            t=trace_state.t + 1,
-        )
-        return jtu.tree_unflatten(c.y_def, y), new
+        return [jnp.asarray(s) for s in state_leaves]
 
     def _trace_owner(self, key: str) -> str:
         """The parameters a trace belongs to, for error messages."""
@@ -297,29 +325,19 @@ class Learner(eqx.Module):
                 f"`where` could not be applied to the model structure: {err!r}. Pass "
                 "a function such as `lambda m: m.cell.weight_hh`."
             ) from None
-        if not isinstance(leaf, _Leaf):
+        if not isinstance(leaf, Leaf):
             raise EtraceError(
                 "`where` must select one array of the model (e.g. `lambda m: "
                 f"m.cell.weight_hh`), but it selected {type(leaf).__name__}."
             )
         path = c.layout.paths[leaf.index]
-        if path in trace_state.traces:  # whole-state algorithms key traces by path
-            return {"hidden": trace_state.traces[path]}
-        theta = trace_state.traces.get("theta")
-        if isinstance(theta, dict) and path in theta:  # rank-one (UORO-like) traces
-            return {"hidden": (trace_state.traces["s"], theta[path])}
-        view = _trace_view(self.algorithm)
-        out: dict[str, list[Any]] = {}
-        for u in self.graph.units:
-            if leaf.index in u.site.params:
-                trace = view(u, trace_state.traces[u.name])
-                out.setdefault(u.group.name, []).append(trace)
+        out = self.algorithm.trace_of(self.graph, trace_state.traces, path)
         if not out:
             role, why = c.roles[leaf.index]
             raise EtraceError(
                 f"Parameter `{path}` has no trace: its role is {role!r} ({why})."
             )
-        return {g: v[0] if len(v) == 1 else tuple(v) for g, v in out.items()}
+        return out
 
     def summary(self) -> str:
         """A table of every parameter's role, trace shape and memory, and the groups.
@@ -333,7 +351,6 @@ class Learner(eqx.Module):
         example.
         """
         c = self.compiled
-        itemsize = {}
         lines = [f"etrace.Learner with {type(self.algorithm).__name__}", ""]
         lines.append("Hidden groups:")
         if not self.graph.groups:
@@ -344,97 +361,46 @@ class Learner(eqx.Module):
                 f"[{', '.join(g.leaf_names)}]"
             )
         traces = jax.eval_shape(lambda: self.algorithm.init(self.graph))
-        for name, tr in traces.items():
-            itemsize[name] = sum(
-                math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-                for x in jtu.tree_leaves(tr)
-            )
         lines.append("")
         lines.append("Parameters:")
-        rows = []
-        for k, path in enumerate(c.layout.paths):
-            role, why = c.roles[k]
-            if path in traces:  # whole-state algorithms key traces by path
-                found = {path: traces[path]}
-            elif isinstance(traces.get("theta"), dict) and path in traces["theta"]:
-                found = {path: traces["theta"][path]}  # rank-one traces
-            else:
-                units = [u for u in self.graph.units if k in u.site.params]
-                found = {u.name: traces[u.name] for u in units if u.name in traces}
-                # ES-D-RTRL's output trace left `None` is read from the unit
-                # named by `same_df`.
-                by_name = {u.name: u for u in self.graph.units}
-                sharing = capability(self.algorithm, "_shared", None)
-                shared_with = {} if sharing is None else sharing(self.graph)
-                shared = [
-                    by_name[shared_with[u.name]].site.name
-                    for u in units
-                    if u.name in shared_with
-                ]
-                if shared:
-                    why = f"{why}; shares the output trace of {', '.join(shared)}"
-                # D-RTRL keeps no trace for a state no update reads (a spike):
-                # `None` in its tuple of one trace per state.
-                diagonal = capability(self.algorithm, "untraced", None) is not None
-                dropped = sorted(
-                    {
-                        u.group.leaf_names[j]
-                        for u in units
-                        if diagonal
-                        and isinstance(found.get(u.name), tuple)
-                        and len(found[u.name]) == u.group.k
-                        for j, part in enumerate(found[u.name])
-                        if part is None
-                    }
-                )
-                if dropped:
-                    why = (
-                        f"{why}; no trace for {', '.join(dropped)} (read by no update)"
-                    )
-            keys = list(found)
-            shapes = []
-            nbytes = 0
-            for tree in found.values():
-                leaves = jtu.tree_leaves(tree)
-                shapes.append(_shapes(leaves))
-                nbytes += sum(
-                    math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves
-                )
-            rows.append(
-                (
-                    path,
-                    str(tuple(c.layout.avals[k].shape)),
-                    role,
-                    ", ".join(shapes) or "-",
-                    _bytes(nbytes) if keys else "-",
-                    why,
-                )
-            )
+        rows = [
+            self._summary_row(k, path, traces) for k, path in enumerate(c.layout.paths)
+        ]
         head = ("parameter", "shape", "role", "trace shape", "bytes/example", "why")
         widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
         for r in [head] + rows:
             lines.append(
                 "  " + "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()
             )
-        total = sum(itemsize.values())
         lines.append("")
-        lines.append(f"Trace memory per example: {_bytes(total)}")
+        lines.append(f"Trace memory per example: {_bytes(_nbytes(traces))}")
         return "\n".join(lines)
+
+    def _summary_row(self, k: int, path: str, traces: Any) -> tuple[str, ...]:
+        c = self.compiled
+        role, why = c.roles[k]
+        found = self.algorithm.stored_traces(self.graph, traces, path)
+        note = self.algorithm.summary_note(self.graph, path)
+        if note:
+            why = f"{why}; {note}"
+        shapes = [_shapes(jtu.tree_leaves(tree)) for tree in found.values()]
+        return (
+            path,
+            str(tuple(c.layout.avals[k].shape)),
+            role,
+            ", ".join(shapes) or "-",
+            _bytes(_nbytes(found)) if found else "-",
+            why,
+        )
 
     def __str__(self) -> str:
         return self.summary()
 
 
-def _trace_view(algorithm: Any) -> Callable[[Any, Any], Any]:
-    """How `trace_of` shows a unit's trace: D-RTRL's (and its relatives') in
-    canonical layout, also where it is stored turned (`d_rtrl.turns`)."""
-    while algorithm is not None:
-        if isinstance(algorithm, AbstractDiagonalAlgorithm):
-            return canonical
-        if isinstance(algorithm, EProp):  # D-RTRL's traces, without a filter
-            return lambda unit, t: t if isinstance(t, dict) else canonical(unit, t)
-        algorithm = getattr(algorithm, "inner", None)
-    return lambda unit, trace: trace
+def _nbytes(tree: Any) -> int:
+    return sum(
+        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jtu.tree_leaves(tree)
+    )
 
 
 def _bytes(count: int) -> str:
@@ -536,8 +502,7 @@ def compile(
         )
     state = initial_state(model, state)
     compiled = analyse(model, sample_input, state)
-    attach_pattern(compiled)
-    if getattr(algorithm, "routing", "group") == "group":
+    if algorithm.routing == "group":
         warn_one_step(compiled)
     learner = Learner(algorithm, compiled, _clone(state), bool(check_finite))
     return learner, learner.init()

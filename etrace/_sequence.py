@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -14,21 +13,11 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
-from ._algorithm.base import after, fused
-from ._algorithm.d_rtrl import chunkable
-from ._compiler import keystr
+from ._analysis import keystr
 from ._errors import EtraceError
+from ._kernels import after, fused, turned_sum
 from ._learner import Learner, TraceState
-from ._runtime import (
-    capability,
-    chunking,
-    fixed_weights,
-    previous_readers,
-    PROBES,
-    RECORDS,
-    SIGNALS,
-    summed_batch,
-)
+from ._step import Chunk, ChunkIO, StepOptions
 
 
 def _length(xs: Any, targets: Any, mask: Any) -> int:
@@ -104,29 +93,26 @@ def _turned_sums(learner: Learner, zeros: Any) -> Any:
     for the weights whose gradient the algorithm forms transposed
     (`transposed_gradients`: D-RTRL's turned traces), whose sums are turned so
     that adding each step's gradient is not a transpose."""
-    outer = capability(learner.algorithm, "outer_product_gradients", False)
-    transposed = capability(learner.algorithm, "transposed_gradients", None)
+    algorithm = learner.algorithm
+    outer = algorithm.outer_product_gradients
+    graph, layout = learner.graph, learner.compiled.layout
+    traces = jax.eval_shape(lambda: learner.init()).traces
+    names = algorithm.transposed_gradients(graph, traces)
     paths = set()
-    if transposed is not None:
-        graph, layout = learner.graph, learner.compiled.layout
-        traces = jax.eval_shape(lambda: learner.init()).traces
-        names = transposed(graph, traces)
-        for u in graph.units:
-            s = u.site
-            # The weight is the parameter itself, a matrix `(Fw, C)`.
-            if (
-                u.name in names
-                and len(s.params) == 1
-                and s.b == 1
-                and s.w_perm == (0, 1)
-                and layout.avals[s.params[0]].shape == s.w_shape
-            ):
-                paths.add(layout.paths[s.params[0]])
+    for u in graph.units:
+        s = u.site
+        # The weight is the parameter itself, a matrix `(Fw, C)`.
+        if (
+            u.name in names
+            and len(s.params) == 1
+            and s.b == 1
+            and s.w_perm == (0, 1)
+            and layout.avals[s.params[0]].shape == s.w_shape
+        ):
+            paths.add(layout.paths[s.params[0]])
 
     def turned(path: Any, a: Any) -> bool:
-        if keystr(path) in paths:
-            return True
-        return bool(outer and a.ndim == 2 and a.shape[0] > a.shape[1])
+        return keystr(path) in paths or turned_sum(outer, a.shape)
 
     return jtu.tree_map_with_path(turned, zeros)
 
@@ -135,7 +121,21 @@ def _turn(a: Any, turned: bool) -> Any:
     return a.T if turned else a
 
 
-def _after_read_out(ts: TraceState, names: set[str], grads: Any) -> TraceState:
+def _previous_readers(learner: Learner) -> frozenset[str]:
+    """The units whose gradient is read out from the traces before the update
+    (`AbstractAlgorithm.reads_previous`)."""
+    graph = learner.graph
+    algorithm = learner.algorithm
+    return frozenset(
+        u.name
+        for g in graph.groups
+        if algorithm.reads_previous(graph.subgraph(g))
+        for u in graph.units
+        if u.group is g
+    )
+
+
+def _after_read_out(ts: TraceState, names: frozenset[str], grads: Any) -> TraceState:
     """`ts` with the traces of the units `names`, whose read-out took the traces
     before the update, updated after the read-out (`after`): XLA then
     writes them in place instead of copying them every step. (Measured with
@@ -210,61 +210,37 @@ def online_grad(
 
 def _check_chunk(learner: Learner, chunk: Any) -> None:
     """`chunk` is a positive integer, and the learner's algorithm one whose traces
-    a chunk can advance: D-RTRL's (`AbstractDiagonalAlgorithm` with its shipped
-    recurrence and read-out), kept dense, with the learning signal of autodiff."""
+    a chunk can advance, with the learning signal of autodiff."""
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise EtraceError(
             f"`chunk` must be a positive integer (steps per chunk), got {chunk!r}."
         )
     algorithm = learner.algorithm
-    name = type(algorithm).__name__
-    if not chunkable(algorithm):
+    if algorithm.learning_signal != "gradient":
         raise EtraceError(
-            f"`online_grad(..., chunk=...)` advances D-RTRL traces (`D_RTRL`, "
-            f"`OSTLFeedforward`, `OSTLRecurrent`); {name} keeps other traces or "
-            "changes their recurrence or read-out. Leave `chunk` out."
+            f"{type(algorithm).__name__} projects a feedback learning signal, which "
+            "a chunk does not collect; leave `chunk` out."
         )
-    if capability(algorithm, "feedback", None) is not None:
-        raise EtraceError(
-            f"{name} projects a feedback learning signal, which a chunk does not "
-            "collect; leave `chunk` out."
-        )
-    for u in learner.graph.units:
-        if algorithm.stores_sparse(u):
-            raise EtraceError(
-                f"`{u.site.name}` keeps its trace at its mask's non-zeros, which a "
-                "chunk does not advance: pass `D_RTRL(sparse=False)` to keep it "
-                "dense, or leave `chunk` out."
-            )
+    refusal = algorithm.chunk_refusal(learner.graph)
+    if refusal is not None:
+        raise EtraceError(refusal)
 
 
 # One program for the whole sequence, called eagerly or inside the caller's `jit`:
 # run eagerly, the scan and the bookkeeping around it would each compile apart.
-@eqx.filter_jit
-def _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask, chunk):
-    mask = _default_mask(xs, targets, mask)
-    batched = jnp.ndim(trace_state.t) == 1
-    size = 1
-    if batched:
-        size = int(jnp.shape(trace_state.t)[0])
-        step = jax.vmap(learner.step, in_axes=(None, 0, 0, 0))
+def _step_loss(learner, loss_fn, batched: bool, size: int, options: StepOptions):
+    """`step_loss(model, ts, x, target, weight, io) -> (weighted loss, (ts, loss,
+    records))`: one step's loss, the batch mean of a batched trace state's, with
+    the step evaluated under `options` (see `etrace._step`)."""
 
-        def loss_of_step(y: Any, target: Any) -> Any:
-            return jnp.mean(jax.vmap(loss_fn)(y, target))
+    def one(model, ts, x, target, io):
+        return learner._run(model, ts, x, target, options, io)
 
-    else:
-        step = learner.step
-
-        def loss_of_step(y: Any, target: Any) -> Any:
-            return loss_fn(y, target)
-
-    projects_target = (
-        capability(learner.algorithm, "feedback", None) is not None
-        and capability(learner.algorithm, "feedback_source", "error") == "target"
-    )
+    step = jax.vmap(one, in_axes=(None, 0, 0, 0, 0)) if batched else one
+    projects_target = learner.algorithm.learning_signal == "target_feedback"
     share = 1.0 / size if batched else 1.0
 
-    def step_loss(model, ts, x, target, weight):
+    def step_loss(model, ts, x, target, weight, io=ChunkIO()):
         signal_target = None
         if projects_target:
             # The learning signal is linear in the target it projects: weight it
@@ -273,70 +249,84 @@ def _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask, chunk)
                 lambda a: jnp.asarray(a) * (weight.astype(jnp.result_type(a)) * share),
                 target,
             )
-        y, ts = step(model, ts, x, signal_target)
-        loss = loss_of_step(y, target)
+        y, ts, records = step(model, ts, x, signal_target, io)
+        if batched:
+            loss = jnp.mean(jax.vmap(loss_fn)(y, target))
+        else:
+            loss = loss_fn(y, target)
         # The weight in the loss's dtype: a float64 mask (the default dtype under
         # `jax_enable_x64`) would make a float32 model's loss and cotangents float64.
-        return loss * weight.astype(jnp.result_type(loss)), (ts, loss)
+        return loss * weight.astype(jnp.result_type(loss)), (ts, loss, records)
 
-    grad_fn = eqx.filter_value_and_grad(step_loss, has_aux=True)
-
-    zeros = _zeros_like_grads(model)
-    turned = _turned_sums(learner, zeros)
-
-    def body(carry, inputs):
-        ts, total = carry
-        x, target, weight = inputs
-        with previous_readers() as names:
-            (_, (ts, loss)), grads = grad_fn(model, ts, x, target, weight)
-        ts = _after_read_out(ts, names, grads)
-        # `fused`: the sum and the step's gradient (a matrix product's result)
-        # would be a kernel of one add, which XLA on CPU runs several times slower
-        # than a kernel of two operations (LIF ES-D-RTRL, H = 512: 45 against 23 us
-        # per time step).
-        total = jtu.tree_map(
-            lambda s, g, t: fused(s) + _turn(g, t), total, grads, turned
-        )
-        return (ts, total), loss
-
-    init = (trace_state, jtu.tree_map(_turn, zeros, turned))
-    if chunk is not None:
-        chunk_run = _chunk_run(learner, model, step_loss, turned, batched, size)
-        with summed_batch() if batched else contextlib.nullcontext(), fixed_weights():
-            (trace_state, grads), losses = _chunked_scan(
-                chunk_run, init, (xs, targets, mask), chunk
-            )
-        return jtu.tree_map(_turn, grads, turned), trace_state, losses
-    # Under `grad(vmap(step))` the weights' gradient is a sum over the batch, which
-    # the read-out can form itself (one matrix product for ES-D-RTRL, OTTT).
-    summing = summed_batch() if batched else contextlib.nullcontext()
-    with summing, fixed_weights():
-        (trace_state, grads), losses = jax.lax.scan(body, init, (xs, targets, mask))
-    return jtu.tree_map(_turn, grads, turned), trace_state, losses
+    return step_loss
 
 
 def _add_grads(total: Any, grads: Any, turned: Any) -> Any:
+    """The running sum plus this step's gradient. `fused`: the sum and the step's
+    gradient (a matrix product's result) would be a kernel of one add."""
     return jtu.tree_map(lambda s, g, t: fused(s) + _turn(g, t), total, grads, turned)
 
 
-def _chunk_run(learner, model, step_loss, turned, batched, size):
+# One program for the whole sequence, called eagerly or inside the caller's `jit`:
+# run eagerly, the scan and the bookkeeping around it would each compile apart.
+@eqx.filter_jit
+def _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask, chunk):
+    mask = _default_mask(xs, targets, mask)
+    batched = jnp.ndim(trace_state.t) == 1
+    size = int(jnp.shape(trace_state.t)[0]) if batched else 1
+    # The weights are fixed over the sequence; under the batch `vmap` they are
+    # shared by the batch, whose sum of gradients the read-out forms itself.
+    options = StepOptions(summed=batched, fixed_weights=True)
+    zeros = _zeros_like_grads(model)
+    turned = _turned_sums(learner, zeros)
+    init = (trace_state, jtu.tree_map(_turn, zeros, turned))
+    if chunk is not None:
+        run = _chunk_run(learner, loss_fn, model, turned, batched, size, options)
+        (trace_state, grads), losses = _chunked_scan(
+            run, init, (xs, targets, mask), chunk
+        )
+        return jtu.tree_map(_turn, grads, turned), trace_state, losses
+    step_loss = _step_loss(learner, loss_fn, batched, size, options)
+    grad_fn = eqx.filter_value_and_grad(step_loss, has_aux=True)
+    previous = _previous_readers(learner)
+
+    def body(carry, inputs):
+        ts, total = carry
+        (_, (ts, loss, _)), grads = grad_fn(model, ts, *inputs)
+        ts = _after_read_out(ts, previous, grads)
+        return (ts, _add_grads(total, grads, turned)), loss
+
+    (trace_state, grads), losses = jax.lax.scan(body, init, (xs, targets, mask))
+    return jtu.tree_map(_turn, grads, turned), trace_state, losses
+
+
+def _chunk_run(learner, loss_fn, model, turned, batched, size, options):
     """One chunk of `online_grad(..., chunk=S)`: its steps but the last collect
     their Jacobians and learning signals with the traces left as they are
-    (`chunking("collect")`), and the last advances the traces over the chunk and
-    reads out its gradient (`chunking("flush")`)."""
+    (`Chunk.COLLECT`), and the last advances the traces over the chunk and reads
+    out its gradient (`Chunk.FLUSH`)."""
     lead = (size,) if batched else ()
     probes = {  # one per state, as the learning signal is recorded
         g.name: tuple(jnp.zeros(lead + (g.n,), g.dtype) for _ in range(g.k))
         for g in learner.graph.groups
     }
+    collect_loss = _step_loss(
+        learner,
+        loss_fn,
+        batched,
+        size,
+        dataclasses.replace(options, chunk=Chunk.COLLECT),
+    )
+    flush_loss = _step_loss(
+        learner, loss_fn, batched, size, dataclasses.replace(options, chunk=Chunk.FLUSH)
+    )
 
-    def collect_loss(diff, ts, x, target, weight):
+    def probed(diff, ts, x, target, weight):
         model, probes = diff
-        ts = TraceState(ts.state, {**ts.traces, PROBES: probes}, ts.t)
-        return step_loss(model, ts, x, target, weight)
+        return collect_loss(model, ts, x, target, weight, ChunkIO(probes=probes))
 
-    grad_fn = eqx.filter_value_and_grad(step_loss, has_aux=True)
-    collect_grad = eqx.filter_value_and_grad(collect_loss, has_aux=True)
+    collect_grad = eqx.filter_value_and_grad(probed, has_aux=True)
+    flush_grad = eqx.filter_value_and_grad(flush_loss, has_aux=True)
 
     def run(carry, inputs):
         ts, total = carry
@@ -346,12 +336,11 @@ def _chunk_run(learner, model, step_loss, turned, batched, size):
         def collect(c, step_inputs):
             state, t, total = c
             ts_in = TraceState(state, traces, t)
-            with chunking("collect"):
-                (_, (out, loss)), (grads, signals) = collect_grad(
-                    (model, probes), ts_in, *step_inputs
-                )
+            (_, (out, loss, records)), (grads, signals) = collect_grad(
+                (model, probes), ts_in, *step_inputs
+            )
             total = _add_grads(total, grads, turned)
-            return (out.state, out.t, total), (out.traces[RECORDS], signals, loss)
+            return (out.state, out.t, total), (records, signals, loss)
 
         earlier = jtu.tree_map(lambda a: a[: n - 1], inputs)
         (state, t, total), (records, signals, losses) = jax.lax.scan(
@@ -361,15 +350,15 @@ def _chunk_run(learner, model, step_loss, turned, batched, size):
             records, signals = jtu.tree_map(
                 lambda a: jnp.swapaxes(a, 0, 1), (records, signals)
             )
-        ts_in = TraceState(state, {**traces, RECORDS: records, SIGNALS: signals}, t)
+        io = ChunkIO(records=records, signals=signals)
         last = jtu.tree_map(lambda a: a[n - 1], inputs)
-        with chunking("flush"):
-            (_, (out, loss)), grads = grad_fn(model, ts_in, *last)
+        (_, (out, loss, _)), grads = flush_grad(
+            model, TraceState(state, traces, t), *last, io
+        )
         total = _add_grads(total, grads, turned)
         # The new traces after the read-out, which reads the chunk's first ones:
         # XLA can then write them in place (see `_after_read_out`).
-        new = after({k: out.traces[k] for k in traces}, grads)
-        out = TraceState(out.state, new, out.t)
+        out = TraceState(out.state, after(out.traces, grads), out.t)
         return (out, total), jnp.concatenate([losses, loss[None]])
 
     return run

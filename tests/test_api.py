@@ -115,7 +115,7 @@ def test_online_grad_sums_gradients_formed_transposed_as_transposes(algorithm, b
 def test_weight_turned_for_the_product_gives_the_same_product():
     # `W @ x` with `W` contracted on its last axis is evaluated with `W` turned,
     # `(i, m)`, contracted on its first; other products are left alone.
-    from etrace import _ir
+    from etrace import _ir, _kernels
 
     w = jr.normal(jr.key(0), (5, 3))
     x = jr.normal(jr.key(1), (3,))
@@ -126,7 +126,7 @@ def test_weight_turned_for_the_product_gives_the_same_product():
         jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
         (eqn,) = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
         ir = _ir.Eqn(eqn.primitive, (), (), dict(eqn.params), "")
-        turned, operands = _ir.with_weight_turned(ir, list(args), w_pos)
+        turned, operands = _kernels.with_weight_turned(ir, list(args), w_pos)
         assert operands[w_pos].shape == (3, 5)  # stored turned
         want = _ir.bind(ir, *args)[0]
         got = _ir.bind(turned, *operands)[0]
@@ -138,13 +138,13 @@ def test_weight_turned_for_the_product_gives_the_same_product():
     jaxpr = jax.make_jaxpr(lambda x, w: x @ w)(jnp.ones(5), w).jaxpr
     (eqn,) = jaxpr.eqns
     ir = _ir.Eqn(eqn.primitive, (), (), dict(eqn.params), "")
-    same, operands = _ir.with_weight_turned(ir, [jnp.ones(5), w], 1)
+    same, operands = _kernels.with_weight_turned(ir, [jnp.ones(5), w], 1)
     assert same is ir and operands[1] is w
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only; else identity")
 def test_fused_is_exact_and_kept_by_xla():
-    from etrace._algorithm.base import fused
+    from etrace._kernels import fused
 
     x = jnp.array([1.5, -0.0, jnp.inf, -jnp.inf, jnp.nan, 5e-324, -3.25])
     got = jax.jit(fused)(x)
@@ -171,7 +171,7 @@ def test_fused_multiplies_on_cpu_only():
     # (which needs none here), `fused` is `a` itself, for the CPU a multiply.
     from jax import export
 
-    from etrace._algorithm.base import fused
+    from etrace._kernels import fused
 
     def multiplies(platform: str) -> int:
         fn = jax.jit(lambda a: fused(a) + a)

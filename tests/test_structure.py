@@ -534,7 +534,7 @@ class WideSpiking(eqx.Module):
 @pytest.mark.parametrize("name", ["gru", "spiking"])
 @pytest.mark.parametrize("batch", [None, 3])
 def test_turned_traces_of_few_inputs(name, batch, key, monkeypatch):
-    from etrace._algorithm import d_rtrl
+    from etrace import _kernels
 
     if name == "gru":  # a GRU of 16 units on 3 inputs, with a linear readout
         model, state = et.build("gru", 3, 16, 2, seed=0)
@@ -561,7 +561,7 @@ def test_turned_traces_of_few_inputs(name, batch, key, monkeypatch):
         return grads, ts, learner, unit
 
     grads, ts, learner, unit = run()
-    monkeypatch.setattr(d_rtrl, "_TURNED_INPUTS", 0)
+    monkeypatch.setattr(_kernels, "TURNED_INPUTS", 0)
     plain, plain_ts, plain_learner, _ = run()
     # Stored turned, `(B, C, Fw, Fx)`, and shown canonical by `trace_of`.
     b, w, f, c = unit.shape

@@ -1,19 +1,82 @@
-"""The algorithm interface: stateless strategy objects over the analysed graph."""
+"""The algorithm interface: stateless strategy objects over the analysed graph.
+
+The engine (`etrace._step`, `Learner`, `online_grad`) calls the methods below and
+reads the capabilities declared as class variables here; it names no concrete
+algorithm."""
 
 from __future__ import annotations
 
 import abc
-import contextlib
-import contextvars
-from collections.abc import Iterator
-from typing import Any
+import difflib
+import inspect
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
+from .._errors import EtraceError
 from .._graph import Graph, Unit
+from .._kernels import batch_sum
+
+
+# Every capability an algorithm may declare, with its default. They change what
+# the driver passes in or how it sums gradients; see `AbstractAlgorithm`.
+CAPABILITIES: dict[str, Any] = {
+    "routing": "group",
+    "dense_jacobians": True,
+    "full_diagonal": False,
+    "learning_signal": "gradient",
+    "outer_product_gradients": False,
+}
+LEARNING_SIGNALS = ("gradient", "error_feedback", "target_feedback")
+
+_UNKNOWN_CAPABILITY = """\
+`{cls}.{name}` is not a capability of an etrace algorithm{close}. The capabilities
+are {known}. A hyper-parameter is a field: annotate it (`{name}: float = ...`); a
+private helper starts with an underscore."""
+
+
+def _is_field(cls: type, name: str, annotations: dict[str, Any]) -> bool:
+    note = annotations.get(name)
+    return note is not None and "ClassVar" not in str(note)
+
+
+def _check_capabilities(cls: type) -> None:
+    annotations = inspect.get_annotations(cls)
+    names = set(cls.__dict__) | set(annotations)
+    for name in sorted(names):
+        if name.startswith("_") or name in CAPABILITIES:
+            continue
+        if _is_field(cls, name, annotations):
+            continue
+        value = cls.__dict__.get(name)
+        is_classvar = "ClassVar" in str(annotations.get(name, ""))
+        if not is_classvar and (
+            callable(value) or isinstance(value, (property, staticmethod, classmethod))
+        ):
+            continue
+        close = difflib.get_close_matches(name, CAPABILITIES, n=1)
+        raise EtraceError(
+            _UNKNOWN_CAPABILITY.format(
+                cls=cls.__name__,
+                name=name,
+                close=f" (did you mean `{close[0]}`?)" if close else "",
+                known=", ".join(f"`{c}`" for c in CAPABILITIES),
+            )
+        )
+    signal = cls.__dict__.get("learning_signal")
+    if isinstance(signal, str) and signal not in LEARNING_SIGNALS:
+        raise EtraceError(
+            f"`{cls.__name__}.learning_signal` must be one of {LEARNING_SIGNALS}, "
+            f"got {signal!r}."
+        )
+
+
+def overrides(algorithm: Any, cls: type, *names: str) -> bool:
+    """Whether `type(algorithm)` replaces any of `cls`'s methods `names` (then a
+    shortcut `cls` takes for them no longer computes what the subclass means)."""
+    return any(getattr(type(algorithm), n) is not getattr(cls, n) for n in names)
 
 
 class AbstractAlgorithm(eqx.Module):
@@ -27,36 +90,46 @@ class AbstractAlgorithm(eqx.Module):
 
     Subclass this directly for full control, subclass `AbstractUnitAlgorithm` when
     every unit (one weight site feeding one hidden group) keeps its own trace, or wrap
-    an existing algorithm (see `examples/custom_algorithm.py`).
+    an existing algorithm (`AbstractWrappedAlgorithm`).
 
-    Three optional class variables change what the driver passes in, and a fourth
-    is a hint for `etrace.online_grad`:
+    **Capabilities** are class variables declared here with their defaults; a
+    subclass sets the ones it needs (or a property of the same name, where they
+    depend on its fields). Any other public class variable is an error when the
+    class is created, so a misspelled capability cannot be silently ignored:
 
-    - `routing = "joint"`: the algorithm is called once per step for the whole
-        hidden state instead of once per group. `graph.params` lists every parameter
-        that reaches a hidden state; `jac.J` and `jac.Jtheta` hold the full
-        hidden-to-hidden and immediate Jacobians; the signal is `signal["hidden"]`
-        of shape `(H,)`; traces and gradients are keyed by parameter path, and
-        gradients have the parameter's shape (`RTRL`, `SnAp`, `UORO`). In
-        `update`, `jac.jvp` and `jac.vjp` also give products with those
-        Jacobians without forming them.
+    - `routing = "joint"` (default `"group"`): the algorithm is called once per
+        step for the whole hidden state instead of once per group. `graph.params`
+        lists every parameter that reaches a hidden state; `jac.J` and
+        `jac.Jtheta` hold the full hidden-to-hidden and immediate Jacobians; the
+        signal is `signal["hidden"]` of shape `(H,)`; traces and gradients are
+        keyed by parameter path, and gradients have the parameter's shape (`RTRL`,
+        `SnAp`, `UORO`). In `update`, `jac.jvp` and `jac.vjp` also give products
+        with those Jacobians without forming them.
     - `dense_jacobians = False`, with `routing = "joint"`: `update` uses only
         `jac.jvp` and `jac.vjp`; `jac.J` and `jac.Jtheta` are never computed, and
         using them raises an `EtraceError` (`UORO`).
     - `full_diagonal = True`: `jac.H` holds each neuron's block of the full
         hidden-to-hidden Jacobian, recurrent weights included (`OSTLRecurrent`).
+    - `learning_signal`: `"gradient"` (default), the true `dL/dh`; or a fixed
+        random projection from `project`: of the output error `dL/dy`
+        (`"error_feedback"`, random e-prop) or of the step's target
+        (`"target_feedback"`, `OSTTP`), delivered to each group's output state,
+        with nothing back-propagated through the weights that read hidden values.
     - `outer_product_gradients = True`: each step's gradient of a weight matrix is
-        one matrix product over the batch (an outer product of two factors, as in
-        `ES_D_RTRL` and `OTTT`); `online_grad` may then keep its running sum of
-        such a matrix transposed, the faster layout for that product on CPU. A
-        layout choice only: the gradients are the same either way.
-
-    An optional method is another such hint: `transposed_gradients(graph, traces)`
-    returns the names of the units whose summed gradient the read-out forms as
-    the transpose of canonical `(B, Fw, C)` (`traces`: one example's, or their
-    shapes). `online_grad` then keeps the running sum of such a weight matrix
-    transposed (`D_RTRL`, for the traces it stores turned).
+        one matrix product over the batch (`ES_D_RTRL`, `OTTT`); `online_grad`
+        may then keep its running sum of such a matrix transposed, the faster
+        layout for that product on CPU. A layout choice only.
     """
+
+    routing: ClassVar[str] = "group"
+    dense_jacobians: ClassVar[bool] = True
+    full_diagonal: ClassVar[bool] = False
+    learning_signal: ClassVar[str] = "gradient"
+    outer_product_gradients: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_capabilities(cls)
 
     @abc.abstractmethod
     def init(self, graph: Graph) -> dict[str, PyTree[Array]]:
@@ -125,16 +198,23 @@ class AbstractAlgorithm(eqx.Module):
         """`gradients` of a whole batch, summed over it.
 
         Every argument carries a leading batch axis (the traces and Jacobians of
-        each example). `etrace.online_grad` calls this instead of `gradients` under
-        its `vmap`, so that a read-out that is an outer product (ES-D-RTRL, OTTT)
-        becomes one matrix product over the batch instead of one outer product per
-        example followed by a sum. The default is exactly that: `gradients` per
-        example, summed. Override it only together with `gradients`.
+        each example). A batched `Learner.step` calls this instead of `gradients`,
+        so that a read-out that is an outer product (ES-D-RTRL, OTTT) becomes one
+        matrix product over the batch instead of one outer product per example
+        followed by a sum. The default is exactly that: `gradients` per example,
+        summed. Override it only together with `gradients`.
         """
         per_example = jax.vmap(lambda tr, s, j: self.gradients(graph, tr, s, j))(
             traces, signal, jac
         )
         return {name: batch_sum(g) for name, g in per_example.items()}
+
+    def reads_previous(self, graph: Graph) -> bool:
+        """Whether this group's gradient is read out from the traces *before*
+        `update`, with `gradients_from_previous` (default `False`: `gradients`
+        reads the updated traces). Static: a function of the graph only."""
+        del graph
+        return False
 
     def gradients_from_previous(
         self,
@@ -144,180 +224,124 @@ class AbstractAlgorithm(eqx.Module):
         jac: Any,
         *,
         summed: bool = False,
-    ) -> dict[str, Array] | None:
-        r"""Optionally, this step's `gradients` from the traces *before* `update`.
+    ) -> dict[str, Array]:
+        r"""This step's `gradients` from the traces *before* `update`, where
+        `reads_previous` says so.
 
         Where the read-out is linear in traces that recur linearly (D-RTRL:
         $c \cdot \epsilon^t = \sum_j (c^\top D)_j\,\epsilon^{t-1}_j +
         (c^\top D_f) \otimes x$), the gradient needs the previous traces only,
         and the trace of a state that no state's update reads (a spike) is then
-        not read at all. The driver calls this first; the default, `None`, means:
-        use `gradients` (or `summed_gradients`) on the updated traces.
+        not read at all.
 
         **Arguments:**
 
         As for `gradients`, with `traces` at step `t - 1`; with `summed`, every
         argument has a leading batch axis and the result is summed over it (as
         `summed_gradients`).
-
-        **Returns:**
-
-        What `gradients` (or `summed_gradients`) returns, or `None`.
         """
         del graph, traces, signal, jac, summed
+        raise NotImplementedError(
+            f"{type(self).__name__}.reads_previous is True but it does not "
+            "implement `gradients_from_previous`."
+        )
+
+    def init_full(self, graph: Graph) -> dict[str, PyTree[Array]]:
+        """`init`, keeping every trace that a read-out from the *updated* traces
+        needs, also those this algorithm's own read-out never reads (D-RTRL's trace
+        of a spike, read out from the previous traces). A wrapper that replaces the
+        update or the read-out starts from these."""
+        return self.init(graph)
+
+    def transposed_gradients(self, graph: Graph, traces: Any) -> frozenset[str]:
+        """The units whose summed gradient the read-out forms as the transpose of
+        canonical `(B, Fw, C)` (`traces`: one example's, or their shapes): a layout
+        hint; `online_grad` then keeps the running sum of such a weight matrix
+        transposed. Default: none."""
+        del graph, traces
+        return frozenset()
+
+    def project(self, index: int, vector: Array, n: int) -> Array:
+        """The feedback signal `B v` of the `index`-th hidden group (`n` neurons)
+        for the flattened output error or target `vector`, for algorithms whose
+        `learning_signal` is a projection."""
+        del index, vector, n
+        raise NotImplementedError(
+            f"{type(self).__name__} declares learning_signal = "
+            f"{self.learning_signal!r} but does not implement `project`."
+        )
+
+    def trace_of(
+        self, graph: Graph, traces: dict[str, Any], path: str
+    ) -> dict[str, Any]:
+        """The traces of the parameter at `path`, keyed by hidden group name, as
+        `Learner.trace_of` shows them (a tuple where several units of a group hold
+        it). The default: traces keyed by the path itself (whole-state
+        algorithms), else each unit's trace through `view`."""
+        if path in traces:
+            return {"hidden": traces[path]}
+        out: dict[str, list[Any]] = {}
+        for u in graph.units_of(path):
+            out.setdefault(u.group.name, []).append(self.view(u, traces[u.name]))
+        return {g: v[0] if len(v) == 1 else tuple(v) for g, v in out.items()}
+
+    def view(self, unit: Unit, trace: Any) -> Any:
+        """How `trace_of` shows one unit's trace: as stored, by default."""
+        del unit
+        return trace
+
+    def stored_traces(
+        self, graph: Graph, traces: dict[str, Any], path: str
+    ) -> dict[str, Any]:
+        """The traces `path` owns as stored, keyed by trace key: what
+        `Learner.summary` counts the bytes of."""
+        if path in traces:
+            return {path: traces[path]}
+        return {
+            u.name: traces[u.name] for u in graph.units_of(path) if u.name in traces
+        }
+
+    def summary_note(self, graph: Graph, path: str) -> str | None:
+        """Words `Learner.summary` adds to the parameter's reason, or `None`."""
+        del graph, path
         return None
 
+    def chunk_refusal(self, graph: Graph) -> str | None:
+        """Why `online_grad(..., chunk=S)` cannot advance these traces `S` steps at
+        a time, or `None` where it can (with `chunk_record`, `chunk_update` and
+        `chunk_gradients`)."""
+        del graph
+        return (
+            f"`online_grad(..., chunk=...)` advances D-RTRL's traces; "
+            f"{type(self).__name__} keeps other traces or changes their recurrence "
+            "or read-out. Leave `chunk` out."
+        )
 
-def overrides(algorithm: Any, cls: type, *names: str) -> bool:
-    """Whether `type(algorithm)` replaces any of `cls`'s methods `names` (then a
-    shortcut `cls` takes for them no longer computes what the subclass means)."""
-    return any(getattr(type(algorithm), n) is not getattr(cls, n) for n in names)
+    def chunk_record(self, graph: Graph, jac: Any) -> PyTree[Array]:
+        """What one step of a chunk keeps of its `jac` for `chunk_update` and
+        `chunk_gradients` (one group's)."""
+        raise NotImplementedError
 
+    def chunk_update(
+        self, graph: Graph, traces: dict[str, Any], records: PyTree[Array]
+    ) -> dict[str, Any]:
+        """The traces after a chunk of `S` steps from those before it; `records`:
+        each step's `chunk_record`, stacked with the steps first."""
+        raise NotImplementedError
 
-def after(tree: PyTree, reads: PyTree) -> PyTree:
-    """`tree` with a zero computed from `reads` added to its float leaves, so that
-    XLA computes `tree` after `reads`.
-
-    Where a step reads a trace twice, to update it and for something else (a
-    read-out, another trace's update), XLA writes the updated trace over the
-    previous one only when it can tell that the other reader runs first;
-    otherwise it copies the previous trace at every step. The zero makes the
-    update depend on the other reader, and XLA fuses the addition into the
-    update. `tree` is returned unchanged where `reads` has no float entry."""
-    leaves = [
-        r
-        for r in jax.tree_util.tree_leaves(reads)
-        if jnp.issubdtype(jnp.result_type(r), jnp.inexact) and jnp.size(r)
-    ]
-    if not leaves:
-        return tree
-    probe = sum(jnp.real(jnp.ravel(r)[0]).astype(jnp.float32) for r in leaves)
-    # Zero, even where `reads` is not finite (an inf times zero is a NaN).
-    zero = jnp.where(jnp.isfinite(probe), probe * 0, 0)
-
-    def add(a: Any) -> Any:
-        if a is None or not jnp.issubdtype(jnp.result_type(a), jnp.inexact):
-            return a
-        return a + zero.astype(jnp.result_type(a))
-
-    return jax.tree_util.tree_map(add, tree)
-
-
-def batch_sum(a: Array) -> Array:
-    """`a.sum(axis=0)`, written as additions of the batch's even and odd halves.
-
-    XLA fuses the additions, with the products that produce `a`, into one pass.
-    A reduction over the batch of such products is what XLA on CPU otherwise
-    hands to a library kernel that runs several times slower than the trace
-    update that produced `a` (measured with `benchmarks/training.py`).
-
-    The halving stops at the number of devices, with an ordinary sum of what is
-    left: a batch split over them (`etrace.shard_batch`) is then summed on each
-    device first, and only the per-device sums cross devices.
-    """
-    if a.shape[0] == 0:
-        return jnp.zeros(a.shape[1:], a.dtype)
-    devices = jax.device_count()
-    rest = []
-    while a.shape[0] > devices:
-        n = a.shape[0]
-        if n % 2:
-            rest.append(a[-1])
-            a = a[: n - 1]
-            n -= 1
-        a = a[0::2] + a[1::2]
-    total = jnp.sum(a, axis=0) if a.shape[0] > 1 else a[0]
-    for r in rest:
-        total = total + r
-    return total
-
-
-_FULL_TRACES = contextvars.ContextVar("etrace_full_traces", default=False)
-
-
-@contextlib.contextmanager
-def full_traces() -> Iterator[None]:
-    """While an algorithm's `init` runs in this context, it keeps every trace its
-    read-out from the updated traces needs, even those its own read-out never
-    reads (D-RTRL's trace of a transient state): a wrapper that replaces the
-    update or the read-out reads out from the updated traces."""
-    token = _FULL_TRACES.set(True)
-    try:
-        yield
-    finally:
-        _FULL_TRACES.reset(token)
-
-
-def keeps_full_traces() -> bool:
-    """Whether `init` runs under `full_traces`."""
-    return _FULL_TRACES.get()
-
-
-def sum_states(a: Array) -> Array:
-    """`a.sum(axis=-1)` over the few states `K` of the last axis, written as
-    element-wise additions: XLA on CPU runs a reduction over a minor axis of size 2
-    some hundred times slower than the additions."""
-    total = a[..., 0]
-    for k in range(1, a.shape[-1]):
-        total = total + a[..., k]
-    return total
-
-
-def fused(a: Array) -> Array:
-    """`a` times a one that XLA cannot fold away (it comes out of an
-    `optimization_barrier`), so that the instruction computing `a` is one of at
-    least two in its kernel.
-
-    XLA on CPU compiles a fusion of several element-wise instructions with its
-    vectorising emitter, but an element-wise instruction left alone in its kernel
-    (an add or multiply of two arrays: `wrapped_add` in the compiled program) by
-    another path, several times slower: adding two `(64, 384)` float32 arrays took
-    7.3 us alone and 1.2 us with a multiply by a scalar fused in (jax 0.10.2).
-    The multiply fuses into whatever kernel computes `a`; it is exact (a number
-    times one is itself). Only on CPU (`jax.lax.platform_dependent`, chosen when
-    the program is lowered): elsewhere `a` itself, since a GPU's compiler fuses
-    element-wise instructions with their neighbours anyway, and can fold an
-    addition into the matrix product it follows, which the multiply would undo."""
-    return jax.lax.platform_dependent(a, cpu=_times_kept_one, default=_same)
-
-
-def _times_kept_one(a: Array) -> Array:
-    return a * jax.lax.optimization_barrier(jnp.ones((), jnp.result_type(a)))
-
-
-def _same(a: Array) -> Array:
-    return a
-
-
-def weighted_states(signal: Array, a: Array) -> Array:
-    """`sum_k signal[..., k] * a[..., k]` as element-wise operations (`sum_states`).
-    With one state that is a lone multiply, and it usually feeds a matrix product,
-    which XLA does not fuse it into: `fused` keeps it from being a kernel of one
-    instruction."""
-    return fused(sum_states(signal * a))
-
-
-def outer_product_sum(a: Array, b: Array, turned: bool = False) -> Array:
-    """`sum_n sum_f a[n, b, w, f] b[n, b, f, c]`: the batch sum of per-example
-    outer products as one matrix product (an outer product per example followed by
-    a sum over the batch is several times slower), `(B, W, C)`; with `turned`, its
-    transpose `(B, C, W)`, as a product that writes it so (XLA on CPU writes a
-    product with a short last axis several times slower than its transpose: `(768,
-    2048) x (2048, 10)` at 12 GFLOP/s, its transpose at 64)."""
-    n, nb, w, f = a.shape
-    c = b.shape[-1]
-    if nb == 1:
-        # One product contracting the leading axes as they lie (`(n f, w)` by
-        # `(n f, c)`): XLA reads transposed operands natively, where a batch
-        # dimension would make it transpose them first.
-        lhs = a.reshape(n, w, f).transpose(0, 2, 1).reshape(n * f, w)
-        rhs = b.reshape(n * f, c)
-        if turned:
-            return jnp.einsum("kc,kw->cw", rhs, lhs)[None]
-        return jnp.einsum("kw,kc->wc", lhs, rhs)[None]
-    if turned:
-        return jnp.einsum("nbfc,nbwf->bcw", b, a)
-    return jnp.einsum("nbwf,nbfc->bwc", a, b)
+    def chunk_gradients(
+        self,
+        graph: Graph,
+        traces: dict[str, Any],
+        records: PyTree[Array],
+        signals: tuple[Array, ...],
+        *,
+        summed: bool = False,
+    ) -> dict[str, Array]:
+        """A chunk's gradient, summed over its steps, from the traces before it,
+        its `records` and its learning signals (one array per state, `(S, N)`);
+        with `summed`, every argument has a leading batch axis, summed over."""
+        raise NotImplementedError
 
 
 class AbstractUnitAlgorithm(AbstractAlgorithm):
@@ -410,8 +434,9 @@ class AbstractUnitAlgorithm(AbstractAlgorithm):
     ) -> Array | None:
         """`gradient_unit` summed over a batch (every argument with a leading batch
         axis), or `None` (the default) to take `gradient_unit` per example and sum.
-        A shortcut for read-outs that are outer products (see `outer_product_sum`);
-        implementations return `None` when a subclass replaced `gradient_unit`."""
+        A shortcut for read-outs that are outer products (see
+        `_kernels.outer_product_sum`); implementations return `None` when a
+        subclass replaced `gradient_unit`."""
         del unit, trace, signal, Df, x
         return None
 

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
+
+from jaxtyping import Array
 
 from .._errors import EtraceError
 from .._graph import Graph, Unit
-from .base import AbstractUnitAlgorithm, after, keeps_full_traces, overrides
-from .d_rtrl import (
-    _DIAGONAL_METHODS,
-    D_RTRL,
+from .._kernels import after
+from .base import AbstractUnitAlgorithm, overrides
+from .d_rtrl import D_RTRL
+from .diagonal.base import METHODS
+from .diagonal.dense import (
     diagonal_init,
     diagonal_readout,
     diagonal_update,
     summed_diagonal_readout,
     transient_states,
 )
+from .diagonal.turned import canonical
 from .helpers import FixedRandomFeedback, KappaFilter
 
 
@@ -41,16 +45,15 @@ def filtered_init(
     The read-out reads only the filtered traces, and a transient state's trace
     (a spike's, which no state's update reads) only feeds its filtered trace: with
     `drop_transient` it is not kept (`None` in `"trace"`), but computed in each
-    update from the kept ones (`filtered_update`). Under `full_traces` (a wrapper
-    that reads the updated traces itself) every trace is kept."""
+    update from the kept ones (`filtered_update`). Without (for a wrapper that
+    reads the updated traces itself, `init_full`) every trace is kept."""
     out = {}
     for u in graph.units:
         feeds = graph.downstream.get(u.group.name)
         if filt is None or not feeds:
             out[u.name] = diagonal_init(u)
             continue
-        drop = drop_transient and not keeps_full_traces()
-        untraced = transient_states(u.group) if drop else ()
+        untraced = transient_states(u.group) if drop_transient else ()
         out[u.name] = {
             "trace": diagonal_init(u, untraced),
             "filtered": diagonal_init(u),
@@ -129,7 +132,6 @@ class EProp(AbstractUnitAlgorithm):
 
     feedback: FixedRandomFeedback | None
     kappa: KappaFilter | None
-    feedback_source: ClassVar[str] = "error"
 
     def __init__(self, feedback: Any = "symmetric", kappa: Any = None):
         self.feedback = feedback_of(feedback)
@@ -148,6 +150,15 @@ class EProp(AbstractUnitAlgorithm):
             return None
         return D_RTRL()
 
+    @property
+    def learning_signal(self) -> str:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return "gradient" if self.feedback is None else "error_feedback"
+
+    def project(self, index: int, vector: Array, n: int) -> Array:
+        if self.feedback is None:
+            return super().project(index, vector, n)
+        return self.feedback.project(index, vector, n)
+
     def init(self, graph: Graph) -> dict[str, Any]:
         plain = self._unfiltered()
         if plain is not None:
@@ -155,6 +166,12 @@ class EProp(AbstractUnitAlgorithm):
         return filtered_init(
             graph, self.kappa, not overrides(self, EProp, "update_unit")
         )
+
+    def init_full(self, graph: Graph) -> dict[str, Any]:
+        plain = self._unfiltered()
+        if plain is not None:
+            return plain.init_full(graph)
+        return filtered_init(graph, self.kappa, drop_transient=False)
 
     def update(self, graph, traces, jac):
         plain = self._unfiltered()
@@ -174,10 +191,16 @@ class EProp(AbstractUnitAlgorithm):
             return plain.summed_gradients(graph, traces, signal, jac)
         return super().summed_gradients(graph, traces, signal, jac)
 
+    def reads_previous(self, graph: Graph) -> bool:
+        plain = self._unfiltered()
+        return plain is not None and plain.reads_previous(graph)
+
     def gradients_from_previous(self, graph, traces, signal, jac, *, summed=False):
         plain = self._unfiltered()
-        if plain is None:
-            return None
+        if plain is None:  # `reads_previous` is False
+            return super().gradients_from_previous(
+                graph, traces, signal, jac, summed=summed
+            )
         return plain.gradients_from_previous(graph, traces, signal, jac, summed=summed)
 
     def transposed_gradients(self, graph, traces) -> frozenset[str]:
@@ -185,6 +208,13 @@ class EProp(AbstractUnitAlgorithm):
         if plain is None:
             return frozenset()
         return plain.transposed_gradients(graph, traces)
+
+    def view(self, unit: Unit, trace: Any) -> Any:
+        return trace if isinstance(trace, dict) else canonical(unit, trace)
+
+    def summary_note(self, graph: Graph, path: str) -> str | None:
+        plain = self._unfiltered()
+        return None if plain is None else plain.summary_note(graph, path)
 
     def init_unit(self, unit: Unit) -> Any:
         return diagonal_init(unit)
@@ -204,4 +234,11 @@ class EProp(AbstractUnitAlgorithm):
 
 
 # The methods of the traces and their read-out, which `D_RTRL` has too.
-_TRACE_METHODS = ("init", "init_unit", *_DIAGONAL_METHODS, "gradients_from_previous")
+_TRACE_METHODS = (
+    "init",
+    "init_full",
+    "init_unit",
+    *METHODS,
+    "reads_previous",
+    "gradients_from_previous",
+)

@@ -9,14 +9,8 @@ from jaxtyping import Array, Float
 
 from .._errors import EtraceError
 from .._graph import Graph, Unit
-from .base import (
-    AbstractAlgorithm,
-    AbstractUnitAlgorithm,
-    fused,
-    outer_product_sum,
-    overrides,
-    weighted_states,
-)
+from .._kernels import fused, outer_product_sum, weighted_states
+from .base import AbstractAlgorithm, AbstractUnitAlgorithm, overrides
 
 
 class ES_D_RTRL(AbstractUnitAlgorithm):
@@ -77,7 +71,6 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise EtraceError(f"`rank` must be an int >= 1, got {rank!r}.")
             decay = (rank - 1) / (rank + 1)
-        assert decay is not None
         if not 0.0 <= float(decay) < 1.0:
             raise EtraceError(f"`decay` must lie in [0, 1), got {decay!r}.")
         self.decay = float(decay)
@@ -112,6 +105,16 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
         ]
         decayed = sum(columns[1:], columns[0]) if columns else 0 * ef
         return ex, a * decayed + (1 - a) * Df
+
+    def summary_note(self, graph: Graph, path: str) -> str | None:
+        shared = self._shared(graph)
+        by_name = {u.name: u for u in graph.units}
+        twins = [
+            by_name[shared[u.name]].site.name
+            for u in graph.units_of(path)
+            if u.name in shared
+        ]
+        return f"shares the output trace of {', '.join(twins)}" if twins else None
 
     def _shared(self, graph: Graph) -> dict[str, str]:
         """Unit name -> the unit whose output trace it reads (see the class

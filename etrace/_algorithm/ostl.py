@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .d_rtrl import AbstractDiagonalAlgorithm
+from .diagonal.base import AbstractDiagonalAlgorithm
 
 
 class OSTLFeedforward(AbstractDiagonalAlgorithm):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from jaxtyping import Array
+
 from .._errors import EtraceError
-from .d_rtrl import AbstractDiagonalAlgorithm
+from .diagonal.base import AbstractDiagonalAlgorithm
 from .helpers import FixedRandomFeedback
 
 
@@ -36,7 +38,7 @@ class OSTTP(AbstractDiagonalAlgorithm):
 
     feedback: FixedRandomFeedback
     recurrent: bool
-    feedback_source: ClassVar[str] = "target"
+    learning_signal: ClassVar[str] = "target_feedback"
 
     def __init__(self, feedback: Any = None, *, recurrent: bool = False):
         if feedback is None:
@@ -50,5 +52,8 @@ class OSTTP(AbstractDiagonalAlgorithm):
         self.recurrent = bool(recurrent)
 
     @property
-    def full_diagonal(self) -> bool:
+    def full_diagonal(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.recurrent
+
+    def project(self, index: int, vector: Array, n: int) -> Array:
+        return self.feedback.project(index, vector, n)

@@ -7,13 +7,9 @@ from typing import Any
 import jax.numpy as jnp
 
 from .._graph import Graph, Unit
-from .base import (
-    AbstractAlgorithm,
-    AbstractUnitAlgorithm,
-    overrides,
-    weighted_states,
-)
-from .d_rtrl import diagonal_init
+from .._kernels import weighted_states
+from .base import AbstractAlgorithm, AbstractUnitAlgorithm, overrides
+from .diagonal.dense import diagonal_init
 from .eprop import filtered_init, filtered_readout, filtered_update
 from .helpers import KappaFilter
 
@@ -81,6 +77,11 @@ class OTPE(AbstractUnitAlgorithm):
             post = bool(graph.downstream.get(u.group.name))
             out[u.name] = (z, z, S) if post else (z, S)
         return out
+
+    def init_full(self, graph: Graph) -> dict[str, Any]:
+        if self.approx:
+            return self.init(graph)
+        return filtered_init(graph, self.filter, drop_transient=False)
 
     def init_unit(self, unit: Unit) -> Any:
         return diagonal_init(unit)

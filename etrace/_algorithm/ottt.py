@@ -9,12 +9,8 @@ from jaxtyping import Array, Float
 
 from .._errors import EtraceError
 from .._graph import Unit
-from .base import (
-    AbstractUnitAlgorithm,
-    outer_product_sum,
-    overrides,
-    weighted_states,
-)
+from .._kernels import outer_product_sum, weighted_states
+from .base import AbstractUnitAlgorithm, overrides
 from .helpers import PresynapticTrace
 
 

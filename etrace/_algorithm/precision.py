@@ -11,7 +11,7 @@ import jax.tree_util as jtu
 
 from .._errors import EtraceError
 from .._graph import Graph
-from .base import AbstractAlgorithm, full_traces
+from .base import AbstractAlgorithm
 from .wrapped import AbstractWrappedAlgorithm
 
 
@@ -87,12 +87,14 @@ class ReducedPrecision(AbstractWrappedAlgorithm):
         # trace kept when an outer wrapper's `init` asked for them all.
         wide = jax.eval_shape(lambda: self.inner.init(graph))
         if jtu.tree_structure(wide) != jtu.tree_structure(traces):
-            with full_traces():
-                wide = jax.eval_shape(lambda: self.inner.init(graph))
+            wide = jax.eval_shape(lambda: self.inner.init_full(graph))
         return jtu.tree_map(lambda a, s: a.astype(s.dtype), traces, wide)
 
     def init(self, graph: Graph) -> Any:
         return self._narrow(self.inner.init(graph))
+
+    def init_full(self, graph: Graph) -> Any:
+        return self._narrow(self.inner.init_full(graph))
 
     def update(self, graph: Graph, traces: Any, jac: Any) -> Any:
         return self._narrow(self.inner.update(graph, self._widen(graph, traces), jac))
@@ -103,6 +105,14 @@ class ReducedPrecision(AbstractWrappedAlgorithm):
     def summed_gradients(self, graph: Graph, traces: Any, signal: Any, jac: Any):
         wide = self._widen(graph, traces)
         return self.inner.summed_gradients(graph, wide, signal, jac)
+
+    # Only the stored dtype changes: the inner algorithm's read-out, from the
+    # previous traces where it reads them so.
+    def reads_previous(self, graph: Graph) -> bool:
+        return self.inner.reads_previous(graph)
+
+    def summary_note(self, graph: Graph, path: str) -> str | None:
+        return self.inner.summary_note(graph, path)
 
     def gradients_from_previous(self, graph, traces, signal, jac, *, summed=False):
         wide = self._widen(graph, traces)

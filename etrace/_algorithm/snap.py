@@ -14,7 +14,8 @@ from scipy import sparse as sp
 
 from .._errors import EtraceError
 from .._graph import Graph
-from .base import AbstractAlgorithm, batch_sum
+from .._kernels import batch_sum
+from .base import AbstractAlgorithm
 
 
 @functools.lru_cache(maxsize=64)

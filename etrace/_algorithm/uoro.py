@@ -86,3 +86,13 @@ class UORO(AbstractAlgorithm):
         del graph, jac
         scale = jnp.sum(signal["hidden"] * traces["s"], axis=1)
         return {p: jnp.tensordot(scale, t, axes=1) for p, t in traces["theta"].items()}
+
+    def trace_of(self, graph, traces, path):
+        del graph
+        if path not in traces["theta"]:
+            return {}
+        return {"hidden": (traces["s"], traces["theta"][path])}
+
+    def stored_traces(self, graph, traces, path):
+        del graph
+        return {path: traces["theta"][path]} if path in traces["theta"] else {}

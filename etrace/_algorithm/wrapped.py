@@ -7,8 +7,8 @@ from typing import Any
 
 from jaxtyping import Array, PyTree
 
-from .._graph import Graph
-from .base import AbstractAlgorithm, full_traces, overrides
+from .._graph import Graph, Unit
+from .base import AbstractAlgorithm, overrides
 
 
 class AbstractWrappedAlgorithm(AbstractAlgorithm):
@@ -18,10 +18,11 @@ class AbstractWrappedAlgorithm(AbstractAlgorithm):
     update) or `gradients` (e.g. to clip the read-out). `init` keeps the inner
     algorithm's trace structure, so a wrapped learner's `TraceState` has the same
     shapes as the inner one's; a wrapper that overrides `update`, `gradients` or
-    `summed_gradients` reads out from the updated traces, and its `init` has the
-    inner algorithm keep every trace that needs (`D_RTRL`'s trace of a spike,
-    which it otherwise does not keep). Capabilities that an algorithm declares as class
-    variables (`routing`, `full_diagonal`, feedback) are looked up through `inner`.
+    `summed_gradients` reads out from the updated traces, and its `init` is the
+    inner algorithm's `init_full`, which keeps every trace that needs (`D_RTRL`'s
+    trace of a spike, which it otherwise does not keep). The capabilities
+    (`routing`, `full_diagonal`, `learning_signal`, ...) are the inner
+    algorithm's.
 
     **Attributes:**
 
@@ -46,18 +47,39 @@ class AbstractWrappedAlgorithm(AbstractAlgorithm):
 
     inner: AbstractAlgorithm
 
-    def init(self, graph: Graph) -> dict[str, PyTree[Array]]:
-        if self._reads_updated():
-            # Read out from the updated traces (see `gradients_from_previous`):
-            # the inner algorithm keeps every trace that read-out needs.
-            with full_traces():
-                return self.inner.init(graph)
-        return self.inner.init(graph)
+    # The capabilities are the inner algorithm's.
+    @property
+    def routing(self) -> str:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.inner.routing
+
+    @property
+    def dense_jacobians(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.inner.dense_jacobians
+
+    @property
+    def full_diagonal(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.inner.full_diagonal
+
+    @property
+    def learning_signal(self) -> str:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.inner.learning_signal
+
+    @property
+    def outer_product_gradients(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.inner.outer_product_gradients
 
     def _reads_updated(self) -> bool:
         return overrides(
             self, AbstractWrappedAlgorithm, "update", "gradients", "summed_gradients"
         )
+
+    def init(self, graph: Graph) -> dict[str, PyTree[Array]]:
+        if self._reads_updated():
+            return self.inner.init_full(graph)
+        return self.inner.init(graph)
+
+    def init_full(self, graph: Graph) -> dict[str, PyTree[Array]]:
+        return self.inner.init_full(graph)
 
     def update(
         self, graph: Graph, traces: dict[str, PyTree[Array]], jac: Any
@@ -84,6 +106,11 @@ class AbstractWrappedAlgorithm(AbstractAlgorithm):
             return super().summed_gradients(graph, traces, signal, jac)
         return self.inner.summed_gradients(graph, traces, signal, jac)
 
+    def reads_previous(self, graph: Graph) -> bool:
+        # A wrapper that changes the update or the read-out is read out from its
+        # own updated traces.
+        return not self._reads_updated() and self.inner.reads_previous(graph)
+
     def gradients_from_previous(
         self,
         graph: Graph,
@@ -92,11 +119,25 @@ class AbstractWrappedAlgorithm(AbstractAlgorithm):
         jac: Any,
         *,
         summed: bool = False,
-    ) -> dict[str, Array] | None:
-        # A wrapper that changes the update or the read-out is read out from its
-        # own updated traces.
-        if self._reads_updated():
-            return None
+    ) -> dict[str, Array]:
         return self.inner.gradients_from_previous(
             graph, traces, signal, jac, summed=summed
         )
+
+    def transposed_gradients(self, graph: Graph, traces: Any) -> frozenset[str]:
+        return self.inner.transposed_gradients(graph, traces)
+
+    def project(self, index: int, vector: Array, n: int) -> Array:
+        return self.inner.project(index, vector, n)
+
+    def trace_of(self, graph: Graph, traces: dict[str, Any], path: str):
+        return self.inner.trace_of(graph, traces, path)
+
+    def view(self, unit: Unit, trace: Any) -> Any:
+        return self.inner.view(unit, trace)
+
+    def stored_traces(self, graph: Graph, traces: dict[str, Any], path: str):
+        return self.inner.stored_traces(graph, traces, path)
+
+    def summary_note(self, graph: Graph, path: str) -> str | None:
+        return None if self._reads_updated() else self.inner.summary_note(graph, path)

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .. import _ir
-from .._compiler import initial_state, split_model, trace
-from .._labels import CALLS
+from .._analysis import initial_state, split_model, trace
+from .._analysis.labels import CALLS
 
 
 _SATURATING = {"tanh": 0.99, "logistic": 0.99}
@@ -77,7 +77,7 @@ def liveness(model: Any, xs: Any, *, state: Any = None) -> Liveness:
     state = initial_state(model, state)
     sample = jtu.tree_map(lambda a: a[0], xs)
     traced = trace(model, sample, state)
-    program, n_y = traced[0], traced[-1]
+    program, n_y = traced.program, traced.n_y
     watched = [
         (i, e)
         for i, e in enumerate(program.eqns)

@@ -53,7 +53,7 @@ def _diagonal_rule(
     groups = learner.graph.groups
     inexact: dict[int, str] = {}
     for u in learner.graph.units:
-        prev, new = c.x_deps[u.name]
+        prev, new = c.connections.x_deps[u.name]
         for gi, g in enumerate(groups):
             if prev >> gi & 1 and u.group is g:
                 if full_diagonal and g.n == 1:
@@ -76,10 +76,10 @@ def _diagonal_rule(
                     f"`{g.name}`: a same-step path through a weight",
                 )
     reasons = [inexact[g] for g in sorted(inexact)]
-    if c.one_step_reads:
+    if c.plan.one_step_reads:
         reasons.append(
             "a value from inside the recurrent update is read before it is stored "
-            f"as state ({c.one_step_reads[0]}): that path is one-step"
+            f"as state ({c.plan.one_step_reads[0]}): that path is one-step"
         )
     params = {}
     for k, path in enumerate(c.layout.paths):
@@ -94,7 +94,7 @@ def _diagonal_rule(
         feeds = {
             groups.index(u.group) for u in learner.graph.units if k in u.site.params
         }
-        params[path] = not c.one_step_reads and not (feeds & set(inexact))
+        params[path] = not c.plan.one_step_reads and not (feeds & set(inexact))
     return Regime(all(params.values()), params, tuple(reasons))
 
 
@@ -103,8 +103,8 @@ def _memoryless(learner: Learner, g: int) -> bool:
     c = learner.compiled
     prev = {c.state_vars[j] for j in learner.graph.groups[g].leaves}
     program = c.program
-    reads = any(a in prev for i in c.group_tail[g] for a in program.eqns[i].ins)
-    passthrough = any(s in prev for s in c.sinks[g])
+    reads = any(a in prev for i in c.regions.group_tail[g] for a in program.eqns[i].ins)
+    passthrough = any(s in prev for s in c.regions.sinks[g])
     return not reads and not passthrough
 
 
@@ -140,11 +140,11 @@ def _full_rule(learner: Learner, algorithm: Any) -> Regime:
     """RTRL is exact unless a value is read from inside an update (one-step)."""
     del algorithm
     c = learner.compiled
-    if not c.one_step_reads:
+    if not c.plan.one_step_reads:
         return Regime(True, {p: True for p in c.layout.paths}, ())
     reason = (
         "a value from inside the recurrent update is read before it is stored as "
-        f"state ({c.one_step_reads[0]}): that path is one-step"
+        f"state ({c.plan.one_step_reads[0]}): that path is one-step"
     )
     return Regime(False, {p: False for p in c.layout.paths}, (reason,))
 

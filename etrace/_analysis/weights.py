@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _ir
+from .. import _ir
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

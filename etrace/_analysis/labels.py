@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _ir
+from .. import _ir
 
 
 NONE = -1

@@ -21,7 +21,8 @@ from typing import Any
 import jax
 from jax import lax
 
-from . import _ir, _labels
+from .. import _ir
+from . import labels as _labels
 
 
 def _spliced(

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import sparse
 
-from . import _ir, _labels
+from .. import _ir
+from . import labels as _labels
 
 
 def _rows(dep: Any, index: np.ndarray) -> Any:
@@ -273,17 +274,17 @@ class _Propagator:
         return [inner.get(v) for v in body.outvars]
 
 
-def dependency_pattern(compiled: Any) -> tuple[Any, dict[str, Any]]:
+def dependency_pattern(step, program, joint, groups) -> tuple[Any, dict[str, Any]]:
     """`(J, {path: dh/dtheta})` structural non-zero patterns, as SciPy boolean CSR
     matrices of shapes `(H, H)` and `(H, theta.size)` (hidden values in group order,
     parameter elements in C order)."""
-    program = compiled.program
-    state_vars = compiled.state_vars
-    hidden = [j for g in compiled.graph.groups for j in g.leaves]
-    sizes = [int(np.prod(compiled.state_avals[j].shape, dtype=int)) for j in hidden]
+    state_vars = step.state_vars
+    layout = step.layout
+    hidden = [j for g in groups for j in g.leaves]
+    sizes = [int(np.prod(step.state_avals[j].shape, dtype=int)) for j in hidden]
     n_hidden = sum(sizes)
-    params = compiled.joint_params
-    p_sizes = [int(np.prod(compiled.layout.avals[i].shape, dtype=int)) for i in params]
+    params = joint.params
+    p_sizes = [int(np.prod(layout.avals[i].shape, dtype=int)) for i in params]
     n_sources = n_hidden + sum(p_sizes)
     prop = _Propagator(program, n_sources)
     offset = 0
@@ -299,8 +300,8 @@ def dependency_pattern(compiled: Any) -> tuple[Any, dict[str, Any]]:
             shape=(size, n_sources),
         )
         offset += size
-    prop.run(sorted(compiled.anc_all))
-    out_state = program.outvars[compiled.n_y :]
+    prop.run(sorted(joint.upstream))
+    out_state = program.outvars[step.n_y :]
     rows = []
     for j, size in zip(hidden, sizes):
         d = prop.get(out_state[j])
@@ -316,8 +317,6 @@ def dependency_pattern(compiled: Any) -> tuple[Any, dict[str, Any]]:
     immediate = {}
     start = n_hidden
     for i, size in zip(params, p_sizes):
-        immediate[compiled.layout.paths[i]] = sparse.csr_matrix(
-            full[:, start : start + size]
-        )
+        immediate[layout.paths[i]] = sparse.csr_matrix(full[:, start : start + size])
         start += size
     return J, immediate
