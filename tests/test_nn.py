@@ -452,7 +452,7 @@ def test_online_grad_orders_the_update_after_a_read_out_of_previous_traces(
     # those traces wait for that read-out, so that XLA can write them in place.
     # Nothing else changes: gradients and traces equal a step-by-step loop's, and
     # the traces stay those of the loop where the loss is not finite.
-    from etrace import _sequence
+    from etrace import _learner
 
     from .helpers import per_step_grads, tree_allclose
 
@@ -460,10 +460,10 @@ def test_online_grad_orders_the_update_after_a_read_out_of_previous_traces(
 
     def recording(ts, names, grads):
         ordered.append(set(names))
-        return after(ts, names, grads)
+        return order(ts, names, grads)
 
-    after = _sequence._after_read_out
-    monkeypatch.setattr(_sequence, "_after_read_out", recording)
+    order = _learner._ordered
+    monkeypatch.setattr(_learner, "_ordered", recording)
 
     model, state = eqx.nn.make_with_state(RecurrentSpiking)(2, 8, 2, key=jr.key(0))
     lead = (10,) if batch is None else (10, batch)
