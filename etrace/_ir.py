@@ -10,9 +10,12 @@ equations again with some inputs replaced. Calls are inlined; `custom_jvp_call` 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import equinox
 import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
@@ -68,11 +71,46 @@ class Program:
         return self.avals[v]
 
 
+# Frames in these folders are libraries' own: an error names the first frame
+# outside them, the user's line, and the library's line beside it.
+_LIBRARIES = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (equinox, sys.modules[__name__.rpartition(".")[0]])
+    if m.__file__
+)
+
+
+def _frame(frame: Any) -> str:
+    path = os.path.abspath(frame.file_name)
+    for library in _LIBRARIES:  # a library's file from the library's folder on
+        if path.startswith(library):
+            parent = os.path.dirname(library.rstrip(os.sep)) + os.sep
+            path = path[len(parent) :]
+            break
+    else:
+        path = frame.file_name
+    return f"{path}:{frame.start_line} ({frame.function_name})"
+
+
 def _source(eqn: Any) -> str:
+    """Where an equation comes from: the first frame outside JAX, Equinox and
+    etrace (the line of the user's model), then the library frame it reached the
+    equation through, if any: `model.py:12 (Net.__call__), inside
+    equinox/nn/_normalisation.py:149 (LayerNorm.__call__)`."""
     try:
-        return source_info_util.summarize(eqn.source_info)
-    except Exception:  # the summary is a convenience for error messages only
+        frames = list(source_info_util.user_frames(eqn.source_info.traceback))
+    except Exception:  # the location is a convenience for error messages only
         return "<unknown>"
+    if not frames:
+        return "<unknown>"
+    outside = [
+        f for f in frames if not os.path.abspath(f.file_name).startswith(_LIBRARIES)
+    ]
+    if not outside:
+        return _frame(frames[0])
+    if outside[0] is frames[0]:
+        return _frame(frames[0])
+    return f"{_frame(outside[0])}, inside {_frame(frames[0])}"
 
 
 def _sub_jaxpr(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
@@ -171,30 +209,6 @@ def bind(eqn: Eqn, *args: Any) -> list[Any]:
         subfuns, params = (), got
     out = eqn.prim.bind(*subfuns, *args, **params)
     return list(out) if eqn.prim.multiple_results else [out]
-
-
-def with_weight_turned(eqn: Eqn, args: list[Any], w_pos: int) -> tuple[Eqn, list[Any]]:
-    """`eqn` and its operands with a matrix weight that a `dot_general` contracts
-    on its last axis (`W @ x` with `W` of shape `(m, i)`) stored turned, `(i, m)`,
-    and contracted on its first: the same product, which XLA on CPU runs faster
-    with the contracted axis of the weight leading (a LIF layer's `(128, 192)`
-    weight, batch 32: 12.0 against 7.4 us). The turn sits behind an
-    `optimization_barrier`, so that XLA keeps it (and hoists it out of a loop in
-    which the weight is fixed) instead of folding it back into the product.
-    Anything else is handed back unchanged."""
-    if eqn.name != "dot_general":
-        return eqn, args
-    w = args[w_pos]
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    contracted = lc if w_pos == 0 else rc
-    if lb or rb or jnp.ndim(w) != 2 or tuple(contracted) != (1,):
-        return eqn, args
-    args = list(args)
-    args[w_pos] = jax.lax.optimization_barrier(jnp.transpose(w))
-    dims = ((0,), rc) if w_pos == 0 else (lc, (0,))
-    params = dict(eqn.params)
-    params["dimension_numbers"] = (dims, (lb, rb))
-    return Eqn(eqn.prim, eqn.ins, eqn.outs, params, eqn.source), args
 
 
 def bind_weight_first(eqn: Eqn, *args: Any) -> list[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, Int, PyTree
+from jaxtyping import Array, ArrayLike, Int, PyTree
 
 from ._algorithm.base import AbstractAlgorithm
 from ._algorithm.d_rtrl import D_RTRL
@@ -24,7 +25,7 @@ from ._analysis import (
     split_model,
     warn_one_step,
 )
-from ._errors import EtraceError
+from ._errors import describe as _describe, EtraceError
 from ._graph import Graph
 from ._kernels import after
 from ._step import ChunkIO, run_step, StepOptions
@@ -147,8 +148,8 @@ class Learner(eqx.Module):
         self,
         model: Any,
         trace_state: TraceState,
-        x: PyTree[Array],
-        target: PyTree[Array] | None = None,
+        x: PyTree[ArrayLike],
+        target: PyTree[ArrayLike] | None = None,
     ):
         """Runs the model for one step and advances hidden state and traces.
 
@@ -193,8 +194,8 @@ class Learner(eqx.Module):
         self,
         model: Any,
         trace_state: TraceState,
-        x: PyTree[Array],
-        target: PyTree[Array] | None = None,
+        x: PyTree[ArrayLike],
+        target: PyTree[ArrayLike] | None = None,
         options: StepOptions = StepOptions(),
         io: ChunkIO = ChunkIO(),
     ) -> tuple[Any, TraceState, dict[str, Any]]:
@@ -220,6 +221,7 @@ class Learner(eqx.Module):
         dyn = self._checked_model(model)
         x_leaves = self._checked_input(x)
         state_leaves = self._checked_state(trace_state)
+        self._check_traces(trace_state.traces)
         out = run_step(
             c,
             self.algorithm,
@@ -266,9 +268,13 @@ class Learner(eqx.Module):
         c = self.compiled.step
         x_leaves, x_def = jtu.tree_flatten(x)
         if x_def != c.x_def:
+            compiled = jtu.tree_unflatten(c.x_def, list(c.x_avals))
+            hint = ""
+            if all(not eqx.is_array(v) for v in x_leaves) and c.x_def.num_leaves == 1:
+                hint = " Convert it with `jnp.asarray(x)`."
             raise EtraceError(
-                f"The input has structure {x_def}, but the learner was compiled for "
-                f"{c.x_def}. Pass inputs shaped like `sample_input`."
+                f"The input is {_describe(x)}, but the learner was compiled for "
+                f"{_describe(compiled)}. Pass inputs shaped like `sample_input`." + hint
             )
         _check_leaves(
             "Input",
@@ -335,6 +341,31 @@ class Learner(eqx.Module):
             if u.group is g
         )
 
+    def _check_traces(self, traces: Any) -> None:
+        """The traces have the structure, shapes and dtypes of this learner's
+        `init` (per example)."""
+        expected = jax.eval_shape(lambda: self.algorithm.init(self.graph))
+        if _same_layout(traces, expected):
+            return
+        name = type(self.algorithm).__name__
+        if not isinstance(traces, dict) or set(traces) != set(expected):
+            keys = sorted(traces) if isinstance(traces, dict) else traces
+            detail = (
+                f"it holds traces for {_layout(keys)}, where this learner keeps "
+                f"traces for {_layout(sorted(expected))}"
+            )
+        else:
+            key = next(k for k in expected if not _same_layout(traces[k], expected[k]))
+            detail = (
+                f"the trace `{key}` is {_layout(traces[key])}, where this learner "
+                f"keeps {_layout(expected[key])}"
+            )
+        raise EtraceError(
+            f"The traces of `trace_state` do not fit this learner ({name}): "
+            f"{detail}. Use the trace state from this learner's `compile`, `init` or "
+            "`step` (a trace state of another learner or algorithm does not fit)."
+        )
+
     def _trace_owner(self, key: str) -> str:
         """The parameters a trace belongs to, for error messages."""
         paths = self.compiled.layout.paths
@@ -345,8 +376,9 @@ class Learner(eqx.Module):
             return f"`{key}`"
         return "every parameter that reaches a hidden state"
 
-    # `batch_size` is validated below with an `EtraceError`, hence `Any`.
-    def init(self, batch_size: Any = None) -> TraceState:
+    # `batch_size` is validated below with an `EtraceError`.
+    @typing.no_type_check
+    def init(self, batch_size: int | None = None) -> TraceState:
         """A fresh trace state: the initial hidden state and zero traces.
 
         **Arguments:**
@@ -502,6 +534,33 @@ class Learner(eqx.Module):
         return self.summary()
 
 
+def _layout(tree: Any) -> str:
+    """A trace's structure, shapes and dtypes, written out."""
+    if tree is None:
+        return "None"
+    if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+        return _desc(tree)
+    if isinstance(tree, (list, tuple)):
+        return (
+            "("
+            + ", ".join(_layout(v) for v in tree)
+            + ("," if len(tree) == 1 else "")
+            + ")"
+        )
+    if isinstance(tree, dict):
+        return "{" + ", ".join(f"{k!r}: {_layout(v)}" for k, v in tree.items()) + "}"
+    return repr(tree)
+
+
+def _same_layout(a: Any, b: Any) -> bool:
+    if jtu.tree_structure(a) != jtu.tree_structure(b):
+        return False
+    return all(
+        tuple(jnp.shape(x)) == tuple(y.shape) and jnp.result_type(x) == y.dtype
+        for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))
+    )
+
+
 def _ordered(ts: TraceState, names: frozenset[str], grads: Any) -> TraceState:
     """`ts` with the traces of the units `names` computed after `grads` (`after`).
     (LIF network, H = 512, D-RTRL in a scan over 100 steps: 1.9 times faster.)"""
@@ -562,13 +621,16 @@ def _structure_message(model: Any, c: Compiled) -> str:
     )
 
 
+# Its arguments are validated with an `EtraceError` that says what to pass, rather
+# than by a runtime type checker.
+@typing.no_type_check
 def compile(
-    model: Any,
-    sample_input: Any,
+    model: Callable[[PyTree[ArrayLike], PyTree[ArrayLike]], tuple[Any, Any]],
+    sample_input: PyTree[ArrayLike],
     *,
-    algorithm: Any = None,
-    state: Any = None,
-    check_finite: Any = False,
+    algorithm: AbstractAlgorithm | None = None,
+    state: PyTree[ArrayLike] | None = None,
+    check_finite: bool = False,
 ) -> tuple[Learner, TraceState]:
     """Analyses a model's step once and returns a learner and zero traces.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -121,6 +122,8 @@ def _turn(a: Any, turned: bool) -> Any:
     return a.T if turned else a
 
 
+# `chunk` is validated with an `EtraceError` that says what to pass.
+@typing.no_type_check
 def online_grad(
     learner: Learner,
     loss_fn: Callable[[Any, Any], Any],
@@ -130,8 +133,7 @@ def online_grad(
     targets: PyTree[Array],
     *,
     mask: Float[Array, " T"] | None = None,
-    # A positive `int`, validated with an `EtraceError`, hence `Any`.
-    chunk: Any = None,
+    chunk: int | None = None,
 ) -> tuple[Any, TraceState, Float[Array, " T"]]:
     """The online gradient of a whole sequence, with memory independent of its length.
 

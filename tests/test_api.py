@@ -425,7 +425,9 @@ def test_init_reset_and_trace_of():
     h, c = trace
     assert h is None and c.shape == (1, 16, 1, 4)
     assert float(jnp.max(jnp.abs(c))) > 0
-    assert "no trace for state[0] (read by no update)" in learner.summary()
+    assert "no trace kept for state[0]: the update reads its previous value" in (
+        learner.summary()
+    )
     fresh = learner.reset(ts)
     assert int(fresh.t) == 0
     assert all(float(jnp.max(jnp.abs(a))) == 0 for a in jtu.tree_leaves(fresh.traces))

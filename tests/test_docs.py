@@ -83,6 +83,17 @@ def test_page_runs(page, monkeypatch, tmp_path):
         exec(compile(code, where, "exec"), module.__dict__)
 
 
+def test_readme_quick_start_runs(monkeypatch, tmp_path, capsys):
+    # The README's quick start runs exactly as written, on its own.
+    (code,) = [c for _, c in python_blocks((ROOT / "README.md").read_text())]
+    monkeypatch.chdir(tmp_path)
+    module = types.ModuleType("readme_quick_start")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    printed = capsys.readouterr().out
+    assert "cell.weight_hh" in printed and "cosine" in printed
+
+
 def _public(module: types.ModuleType) -> set[str]:
     return {
         f"{module.__name__}.{name}"

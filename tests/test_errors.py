@@ -58,6 +58,26 @@ def test_tail_not_neuron_local(fn, match):
         _compile(fn)
 
 
+class Normalised(eqx.Module):
+    """A GRU whose new state goes through `eqx.nn.LayerNorm`: not neuron-local."""
+
+    cell: eqx.nn.GRUCell
+    norm: eqx.nn.LayerNorm
+
+    def __call__(self, x, h):
+        h = self.norm(self.cell(x, h))  # the line the error must name
+        return h, h
+
+
+def test_errors_name_the_line_of_the_users_model():
+    model = f64(Normalised(eqx.nn.GRUCell(3, 4, key=jr.key(0)), eqx.nn.LayerNorm(4)))
+    line = Normalised.__call__.__code__.co_firstlineno + 1
+    where = rf"test_errors\.py:{line} \(Normalised\.__call__\), inside "
+    library = r"equinox/nn/_normalisation\.py:\d+ \(LayerNorm\.__call__\)"
+    with pytest.raises(etrace.EtraceError, match=where + library):
+        etrace.compile(model, jnp.zeros(3), state=jnp.zeros(4))
+
+
 def test_neuron_local_layout_is_accepted():
     # A reshape and back, and per-neuron work on the reshaped view, stays local.
     learner, _ = _compile(
@@ -137,8 +157,44 @@ def test_input_dtype_mismatch():
 
 def test_input_structure_mismatch():
     model, _, learner, ts = _gru()
-    with pytest.raises(etrace.EtraceError, match="structure"):
+    match = r"input is a tuple of 1 \(an array float64\[3\]\), but .* for an array"
+    with pytest.raises(etrace.EtraceError, match=match):
         learner.step(model, ts, (jnp.zeros(3),))
+    # A Python list where an array was compiled: said so, and how to fix it.
+    with pytest.raises(etrace.EtraceError, match=r"list of 3 numbers.*jnp.asarray"):
+        learner.step(model, ts, [0.0, 1.0, 2.0])
+
+
+def test_compile_explains_the_calling_convention():
+    model, state = build(GRUNet, 3, 4, 2, seed=0)
+    # A batched sample input, instead of one time step:
+    match = r"(?s)failed with TypeError: dot_general.*model\(x, state\).*unbatched"
+    with pytest.raises(etrace.EtraceError, match=match):
+        etrace.compile(model, jnp.zeros((8, 3)), state=state)
+
+    class OneArgument(eqx.Module):
+        w: jax.Array
+
+        def __call__(self, x):
+            return self.w @ x
+
+    with pytest.raises(
+        etrace.EtraceError, match=r"(?s)takes 2 positional.*\(x, state\)"
+    ):
+        etrace.compile(OneArgument(jnp.ones((2, 3))), jnp.zeros(3), state=jnp.zeros(2))
+    with pytest.raises(etrace.EtraceError, match=r"list of 3 numbers"):
+        etrace.compile(model, [0.0, 1.0, 2.0], state=state)
+
+
+def test_traces_from_another_algorithm():
+    model, state = build(GRUNet, 3, 4, 2, seed=0)
+    _, d_rtrl = etrace.compile(model, jnp.zeros(3), state=state)
+    es, _ = etrace.compile(
+        model, jnp.zeros(3), state=state, algorithm=etrace.ES_D_RTRL(decay=0.5)
+    )
+    match = r"do not fit this learner \(ES_D_RTRL\): the trace `cell.*compile`, `init`"
+    with pytest.raises(etrace.EtraceError, match=match):
+        es.step(model, d_rtrl, jnp.zeros(3))
 
 
 def test_model_structure_mismatch():
@@ -298,5 +354,8 @@ def test_traces_of_another_algorithm_missing_a_read_trace():
     x0 = jnp.zeros(3)
     _, ts = etrace.compile(model, x0, state=state)
     ostl, _ = etrace.compile(model, x0, state=state, algorithm=etrace.OSTLRecurrent())
-    with pytest.raises(etrace.EtraceError, match=r"reads the trace of lif\.z, which"):
+    match = (
+        r"do not fit this learner \(OSTLRecurrent\): the trace `synapses.*is \(None,"
+    )
+    with pytest.raises(etrace.EtraceError, match=match):
         ostl.step(model, ts, x0)

@@ -480,7 +480,7 @@ def test_spike_trace_memory_and_read_out_without_it(key):
         "Trace memory per example: 112 B",
         "Trace memory per example: 56 B",
     )
-    assert "no trace for lif.z (read by no update)" in dropped.summary()
+    assert "no trace kept for lif.z: the update reads" in dropped.summary()
     assert "no trace for" not in kept.summary()
     # A read-out from the updated traces that does not go through
     # `AbstractWrappedAlgorithm` meets the missing trace and says so.

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .. import _ir
-from .._errors import EtraceError
+from .._errors import describe, EtraceError
 from .model import model_layout, ModelLayout, split_model, state_names
 
 
@@ -52,6 +52,15 @@ class TracedStep(NamedTuple):
         return self.program.outvars[self.n_y :]
 
 
+_CONVENTION = """\
+Running one step of the model to trace it failed with {err}
+etrace calls the model as `model(x, state) -> (y, new_state)`, with `x` one time
+step without a batch axis, shaped like `sample_input` (here {x}), and `state` the
+hidden state passed to `etrace.compile` (here {state}). Check that the model takes
+these two arguments in this order, and pass a single unbatched time step as
+`sample_input` (batches come later, from `learner.init(batch_size=...)`)."""
+
+
 def _desc(a: Any) -> str:
     return f"{jnp.dtype(a.dtype).name}{list(a.shape)}"
 
@@ -62,7 +71,8 @@ def _arrays(what: str, tree: Any) -> tuple[list[Any], Any]:
         if not eqx.is_array(leaf):
             raise EtraceError(
                 f"Every leaf of `{what}` must be a JAX or NumPy array, got "
-                f"{type(leaf).__name__} ({leaf!r}). Convert it with `jnp.asarray`."
+                f"{type(leaf).__name__} ({leaf!r}) in `{what}`, which is "
+                f"{describe(tree)}. Convert it with `jnp.asarray`."
             )
     return [jnp.asarray(x) for x in leaves], treedef
 
@@ -117,7 +127,18 @@ def trace(model: Any, sample_input: Any, state: Any) -> TracedStep:
         y_def_box.append(y_def)
         return list(y_leaves) + new_leaves
 
-    closed = jax.make_jaxpr(step)(list(dyn_leaves), state_leaves, x_leaves)
+    try:
+        closed = jax.make_jaxpr(step)(list(dyn_leaves), state_leaves, x_leaves)
+    except EtraceError:
+        raise
+    except (TypeError, ValueError, IndexError) as err:
+        raise EtraceError(
+            _CONVENTION.format(
+                err=f"{type(err).__name__}: {err}",
+                x=describe(sample_input),
+                state=describe(state),
+            )
+        ) from err
     return TracedStep(
         program=_ir.from_closed_jaxpr(closed),
         layout=layout,

@@ -195,7 +195,12 @@ class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
         )
         if not dropped:
             return None
-        return f"no trace for {', '.join(dropped)} (read by no update)"
+        names = ", ".join(dropped)
+        return (
+            f"no trace kept for {names}: the update reads its previous value only "
+            "through a weight or not at all, so the gradient is read from the traces "
+            "before the update"
+        )
 
     def chunk_refusal(self, graph: Graph) -> str | None:
         if not self._shipped("init_unit"):
