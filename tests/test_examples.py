@@ -248,6 +248,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
         "examples/equinox_embedding.py",
         "examples/gradient_fidelity.py",
         "examples/custom_algorithm.py",
+        "examples/streaming.py",
     ],
 )
 def test_example_help_exits_zero(script, capsys):
@@ -259,6 +260,41 @@ def test_example_help_exits_zero(script, capsys):
         module.main(["--help"])
     assert stop.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_streaming_smoke(tmp_path, capsys):
+    import numpy as np
+
+    pytest.importorskip("optax")
+    pytest.importorskip("matplotlib")
+    module = _load("examples/streaming.py")
+    out = tmp_path / "streaming.png"
+    sizes = "--steps 26 --segment 4 --batch 4 --hidden 8 --per-call-steps 3"
+    summary = module.main([*sizes.split(), "--out", str(out)])
+    printed = capsys.readouterr().out
+    head = next(line for line in printed.splitlines() if line.startswith("method"))
+    assert "final loss" in head and "s/step" in head and "traces/stream" in head
+    assert "memoryless baseline" in printed
+    results = summary["results"]
+    assert set(results) == {"step", "segment 1", "segment sqrt(L)", "segment L"}
+    # The stream is cut to whole segments: 6 of 4 steps.
+    assert results["step"]["updates"] == 24 and results["segment L"]["updates"] == 6
+    step = results["step"]
+    for r in results.values():
+        assert r["losses"].shape == (24,) and np.all(np.isfinite(r["losses"]))
+        assert r["seconds_per_step"] > 0 and math.isfinite(r["final_loss"])
+        # Every run sees the same streams from the same initial network.
+        np.testing.assert_array_equal(r["baselines"], step["baselines"])
+        np.testing.assert_allclose(r["losses"][0], step["losses"][0], rtol=1e-5)
+    # Before their first update the per-segment runs are the same computation.
+    first = [r["losses"][:4] for n, r in results.items() if n != "step"]
+    for losses in first[1:]:
+        np.testing.assert_array_equal(losses, first[0])
+    # A jitted call per step computes what the scanned loop does.
+    assert len(summary["per_call"]["losses"]) == 3
+    assert summary["per_call"]["difference"] < 1e-5
+    assert summary["memory_bytes"] > 0
+    assert out.read_bytes()[:8] == PNG
 
 
 def test_evidence_accumulation_smoke(tmp_path):
