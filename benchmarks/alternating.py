@@ -50,10 +50,14 @@ from configs import (
 RESULTS = pathlib.Path(__file__).parent / "results" / "alternating.json"
 
 
-def etrace_run(config: Config, name: str) -> Callable[[], Any]:
+def etrace_run(
+    config: Config, name: str, per_step: bool = False, concat_gru: bool = False
+) -> Callable[[], Any]:
     """One call of `training.py`'s compiled step of `name` (or BPTT), parameters
-    and optimiser state carried from call to call (`training.compiled_run`)."""
-    return training.compiled_run(config, name)[0]
+    and optimiser state carried from call to call (`training.compiled_run`); with
+    `per_step`, the step that scans the batched `learner.step` instead of
+    `online_grad`; with `concat_gru`, on the GRU written as braintrace writes it."""
+    return training.compiled_run(config, name, per_step, concat_gru)[0]
 
 
 def braintrace_run(config: Config, name: str) -> Callable[[], Any]:
@@ -85,48 +89,77 @@ def alternate(
     return times
 
 
+def ways(config: Config, name: str, per_step: bool) -> dict[str, tuple[bool, bool]]:
+    """etrace's steps to time for `name`: `online_grad` (or BPTT), and with
+    `per_step` the scan of the batched step; for the GRU, each also on the GRU
+    written as braintrace writes it. Each as `(per_step, concat_gru)`."""
+    if name == "BPTT":
+        return {"etrace": (False, False)}
+    out = {"online_grad": (False, False)}
+    if per_step:
+        out["batched step"] = (True, False)
+    if config.family.name == "GRU":
+        out["online_grad, concat GRU"] = (False, True)
+        if per_step:
+            out["batched step, concat GRU"] = (True, True)
+    return out
+
+
 def measure(
-    config: Config, names: Sequence[str], rounds: int, calls: int
+    config: Config, names: Sequence[str], rounds: int, calls: int, per_step: bool
 ) -> list[dict[str, Any]]:
     rows = []
     for name in names:
-        mine, theirs = alternate(
-            [etrace_run(config, name), braintrace_run(config, name)], rounds, calls
-        )
-        per_round = [
-            statistics.median(mine[r * calls : (r + 1) * calls])
-            / statistics.median(theirs[r * calls : (r + 1) * calls])
-            for r in range(rounds)
-        ]
-        rows.append(
-            row(
-                config,
-                name,
-                etrace_seconds=statistics.median(mine),
-                braintrace_seconds=statistics.median(theirs),
-                ratio=statistics.median(mine) / statistics.median(theirs),
-                round_ratios=per_round,
-                etrace_times=mine,
-                braintrace_times=theirs,
+        mine = ways(config, name, per_step)
+        runs = [etrace_run(config, name, *way) for way in mine.values()]
+        *times, theirs = alternate([*runs, braintrace_run(config, name)], rounds, calls)
+        for way, own in zip(mine, times):
+            per_round = [
+                statistics.median(own[r * calls : (r + 1) * calls])
+                / statistics.median(theirs[r * calls : (r + 1) * calls])
+                for r in range(rounds)
+            ]
+            rows.append(
+                row(
+                    config,
+                    name,
+                    way=way,
+                    etrace_seconds=statistics.median(own),
+                    braintrace_seconds=statistics.median(theirs),
+                    ratio=statistics.median(own) / statistics.median(theirs),
+                    round_ratios=per_round,
+                    etrace_times=own,
+                    braintrace_times=theirs,
+                )
             )
-        )
-        r = rows[-1]
-        print(
-            f"{config.family.name} H={config.hidden} T={config.length} {name}: "
-            f"etrace {1e3 * r['etrace_seconds']:.1f} ms, braintrace "
-            f"{1e3 * r['braintrace_seconds']:.1f} ms, ratio {r['ratio']:.2f} "
-            f"(rounds {min(per_round):.2f} to {max(per_round):.2f})",
-            flush=True,
-        )
+            r = rows[-1]
+            print(
+                f"{config.family.name} H={config.hidden} T={config.length} {name} "
+                f"({way}): etrace {1e3 * r['etrace_seconds']:.1f} ms, braintrace "
+                f"{1e3 * r['braintrace_seconds']:.1f} ms, ratio {r['ratio']:.2f} "
+                f"(rounds {min(per_round):.2f} to {max(per_round):.2f})",
+                flush=True,
+            )
     return rows
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    head = ("model", "algorithm", "H", "T", "etrace", "braintrace", "ratio", "rounds")
+    head = (
+        "model",
+        "algorithm",
+        "etrace's step",
+        "H",
+        "T",
+        "etrace",
+        "braintrace",
+        "ratio",
+        "rounds",
+    )
     body = [
         (
             r["model"],
             r["algorithm"],
+            r["way"],
             str(r["hidden"]),
             str(r["T"]),
             f"{1e3 * r['etrace_seconds']:.1f} ms",
@@ -151,6 +184,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         default=2,
         help="calls of each library's step per round (default 2)",
     )
+    parser.add_argument(
+        "--per-step",
+        action="store_true",
+        help="also time etrace's step that scans the batched learner.step",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="JSON path")
     args = parser.parse_args(argv)
     if args.repeats is not None:
@@ -162,7 +200,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     configs = selected(args)
     rows = [
-        r for c in configs for r in measure(c, args.algorithms, args.rounds, args.calls)
+        r
+        for c in configs
+        for r in measure(c, args.algorithms, args.rounds, args.calls, args.per_step)
     ]
     print(
         f"\nmedian of {args.rounds * args.calls} calls of each step, "

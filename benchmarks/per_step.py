@@ -60,36 +60,6 @@ NAMES = ("D-RTRL", "ES-D-RTRL")
 ONLINE, BATCHED, VMAPPED = "online_grad", "batched step", "vmap step"
 
 
-def scanned_step(learner: etrace.Learner, static: Any, optim, vmapped: bool):
-    """A training step that scans the batched step (or `vmap` of the unbatched
-    one) over the sequence and adds up each step's gradient."""
-    step = jax.vmap(learner.step, in_axes=(None, 0, 0)) if vmapped else learner.step
-
-    def loss(model, ts, x, target):
-        y, ts = step(model, ts, x)
-        return jnp.mean(jax.vmap(training.mse)(y, target)), ts
-
-    grad = eqx.filter_value_and_grad(loss, has_aux=True)
-
-    def train(params, opt_state, xs, targets):
-        model = eqx.combine(params, static)
-        ts = learner.init(batch_size=xs.shape[1])
-
-        def body(carry, inputs):
-            ts, total = carry
-            (value, ts), grads = grad(model, ts, *inputs)
-            # Lets XLA update the carried traces in place (a no-op for most).
-            ts = learner.after_read_out(ts, grads)
-            return (ts, jax.tree.map(jnp.add, total, grads)), value
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (_, grads), losses = jax.lax.scan(body, (ts, zeros), (xs, targets))
-        updates, opt_state = optim.update(grads, opt_state, params)
-        return eqx.apply_updates(params, updates), opt_state, jnp.sum(losses)
-
-    return train
-
-
 def runs(config: Config, name: str, vmapped: bool) -> dict[str, Callable[[], Any]]:
     """Per way of taking the gradient, one call of its compiled training step,
     parameters and optimiser state carried from call to call."""
@@ -102,10 +72,10 @@ def runs(config: Config, name: str, vmapped: bool) -> dict[str, Callable[[], Any
     learner, _ = etrace.compile(model, x0, state=state, algorithm=algorithm)
     steps = {
         ONLINE: training.online_step(learner, static, optim),
-        BATCHED: scanned_step(learner, static, optim, vmapped=False),
+        BATCHED: training.per_step_training(learner, static, optim),
     }
     if vmapped:
-        steps[VMAPPED] = scanned_step(learner, static, optim, vmapped=True)
+        steps[VMAPPED] = training.per_step_training(learner, static, optim, True)
     out = {}
     for way, step in steps.items():
         compiled = jax.jit(step).lower(*args).compile()

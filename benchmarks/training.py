@@ -41,6 +41,7 @@ import json
 import math
 import pathlib
 import platform
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -120,9 +121,60 @@ class SpikingNet(eqx.Module):
         return self.output(self.readout(z), state)
 
 
-def build(config: Config, seed: int = 0) -> tuple[Any, eqx.nn.State]:
-    """The model of `config` and its initial (unbatched) state."""
-    cls = GRUNet if config.family.name == "GRU" else SpikingNet
+class ConcatGRUCell(eqx.Module):
+    """The GRU as braintrace's `braintrace.nn.GRUCell` writes it: the reset gate
+    multiplies the state before the candidate's weight, `h~ = tanh(W_h [x; r h])`,
+    with three `(I + H) x H` weights (where `eqx.nn.GRUCell` computes
+    `n = tanh(W_in x + r (W_hn h + b_n))`). `W_r`'s output then reaches the state
+    only through `W_h`, so it keeps no trace (learned one-step here, zero in
+    braintrace): the same work per step in both libraries."""
+
+    w_r: eqx.nn.Linear
+    w_z: eqx.nn.Linear
+    w_h: eqx.nn.Linear
+
+    def __init__(self, n_in: int, hidden: int, *, key: PRNGKeyArray):
+        kr, kz, kh = jr.split(key, 3)
+        f32 = jnp.float32
+        self.w_r = eqx.nn.Linear(n_in + hidden, hidden, dtype=f32, key=kr)
+        self.w_z = eqx.nn.Linear(n_in + hidden, hidden, dtype=f32, key=kz)
+        self.w_h = eqx.nn.Linear(n_in + hidden, hidden, dtype=f32, key=kh)
+
+    def __call__(self, x: Float[Array, " n_in"], h: Float[Array, " hidden"]):
+        xh = jnp.concatenate([x, h])
+        r = jax.nn.sigmoid(self.w_r(xh))
+        z = jax.nn.sigmoid(self.w_z(xh))
+        candidate = jnp.tanh(self.w_h(jnp.concatenate([x, r * h])))
+        return (1 - z) * h + z * candidate
+
+
+class ConcatGRUNet(eqx.Module):
+    """`ConcatGRUCell` with a linear readout."""
+
+    cell: ConcatGRUCell
+    readout: eqx.nn.Linear
+    h: eqx.nn.StateIndex
+
+    def __init__(self, n_in: int, hidden: int, n_out: int, *, key: PRNGKeyArray):
+        k1, k2 = jr.split(key)
+        self.cell = ConcatGRUCell(n_in, hidden, key=k1)
+        self.readout = eqx.nn.Linear(hidden, n_out, dtype=jnp.float32, key=k2)
+        self.h = eqx.nn.StateIndex(jnp.zeros(hidden, jnp.float32))
+
+    def __call__(self, x: Float[Array, " n_in"], state: eqx.nn.State):
+        h = self.cell(x, state.get(self.h))
+        return self.readout(h), state.set(self.h, h)
+
+
+def build(
+    config: Config, seed: int = 0, concat_gru: bool = False
+) -> tuple[Any, eqx.nn.State]:
+    """The model of `config` and its initial (unbatched) state; with `concat_gru`,
+    the GRU written as braintrace writes it (`ConcatGRUNet`)."""
+    if config.family.name == "GRU":
+        cls = ConcatGRUNet if concat_gru else GRUNet
+    else:
+        cls = SpikingNet
     family = config.family
     return eqx.nn.make_with_state(cls)(
         family.inputs, config.hidden, family.outputs, key=jr.key(seed)
@@ -200,6 +252,39 @@ def online_step(
     return step
 
 
+def per_step_training(
+    learner: etrace.Learner, static: Any, optim, vmapped: bool = False
+) -> Callable:
+    """A training step that scans the batched `learner.step` (or, with `vmapped`,
+    `jax.vmap` of the unbatched one) over the sequence, adds up each step's
+    gradient of the batch-mean loss, as a user writes it, then updates once."""
+    step = jax.vmap(learner.step, in_axes=(None, 0, 0)) if vmapped else learner.step
+
+    def loss(model, ts, x, target):
+        y, ts = step(model, ts, x)
+        return jnp.mean(jax.vmap(mse)(y, target)), ts
+
+    grad = eqx.filter_value_and_grad(loss, has_aux=True)
+
+    def train(params, opt_state, xs, targets):
+        model = eqx.combine(params, static)
+        ts = learner.init(batch_size=xs.shape[1])
+
+        def body(carry, inputs):
+            ts, total = carry
+            (value, ts), grads = grad(model, ts, *inputs)
+            # Lets XLA update the carried traces in place (a no-op for most).
+            ts = learner.after_read_out(ts, grads)
+            return (ts, jax.tree.map(jnp.add, total, grads)), value
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (_, grads), losses = jax.lax.scan(body, (ts, zeros), (xs, targets))
+        updates, opt_state = optim.update(grads, opt_state, params)
+        return eqx.apply_updates(params, updates), opt_state, jnp.sum(losses)
+
+    return train
+
+
 def bptt_step(state: eqx.nn.State, static: Any, optim) -> Callable:
     def step(params, opt_state, xs, targets):
         model = eqx.combine(params, static)
@@ -211,26 +296,38 @@ def bptt_step(state: eqx.nn.State, static: Any, optim) -> Callable:
     return step
 
 
-def step_function(config: Config, name: str):
+def step_function(
+    config: Config, name: str, per_step: bool = False, concat_gru: bool = False
+):
     """`(step, args)`: the step function of algorithm `name` (or BPTT) on
     `config`, as `measure` builds it, and its arguments (for `kernels.py` and
-    `alternating.py`)."""
-    model, state = build(config)
+    `alternating.py`); with `per_step`, `per_step_training`'s instead of
+    `online_grad`'s; with `concat_gru`, on the GRU written as braintrace writes
+    it."""
+    model, state = build(config, concat_gru=concat_gru)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     optim = optax.adam(LEARNING_RATE)
     args = (params, optim.init(params), *data(config))
     if name == "BPTT":
         return bptt_step(state, static, optim), args
     x0 = jnp.zeros(config.family.inputs, jnp.float32)
-    learner, _ = etrace.compile(model, x0, state=state, algorithm=algorithms()[name])
+    with warnings.catch_warnings():  # `ConcatGRUCell`'s `W_r`: one-step, as meant
+        warnings.simplefilter("ignore", etrace.EtraceWarning)
+        learner, _ = etrace.compile(
+            model, x0, state=state, algorithm=algorithms()[name]
+        )
+    if per_step:
+        return per_step_training(learner, static, optim), args
     return online_step(learner, static, optim, chunk_of(name)), args
 
 
-def compiled_run(config: Config, name: str) -> tuple[Callable[[], None], Any]:
+def compiled_run(
+    config: Config, name: str, per_step: bool = False, concat_gru: bool = False
+) -> tuple[Callable[[], None], Any]:
     """`(run, compiled)`: `compiled` is `step_function`'s step, compiled, and each
     `run()` one call of it that carries the parameters and optimiser state on to
     the next. Called once here (the first call allocates)."""
-    step, args = step_function(config, name)
+    step, args = step_function(config, name, per_step, concat_gru)
     compiled = jax.jit(step).lower(*args).compile()
     carry = list(args[:2])
 
