@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .. import _ir
+from .. import _interpret, _ir
 from . import rewrite, weights
 from .model import ModelLayout
 from .trace import TracedStep
@@ -54,24 +54,15 @@ def dependencies(
     variables that depend on the state or the input."""
     n_dyn = len(layout.paths)
     invars = program.invars
-    pmask: dict[int, int] = {}
-    dyn: set[int] = set(invars[n_dyn:])
+    # One bit per model array, and one more for the state and the input.
+    dynamic = 1 << n_dyn
+    seeds = {v: dynamic for v in invars[n_dyn:]}
     for i, is_p in enumerate(layout.is_param):
         if is_p:
-            pmask[invars[i]] = 1 << i
-    for e in program.eqns:
-        m = 0
-        d = False
-        for a in e.ins:
-            if isinstance(a, int):
-                m |= pmask.get(a, 0)
-                d = d or a in dyn
-        for o in e.outs:
-            if m:
-                pmask[o] = m
-            if d:
-                dyn.add(o)
-    return pmask, frozenset(dyn)
+            seeds[invars[i]] = 1 << i
+    bits = _interpret.union_bits(program, range(len(program.eqns)), seeds)
+    pmask = {v: m & (dynamic - 1) for v, m in bits.items() if m & (dynamic - 1)}
+    return pmask, frozenset(v for v, m in bits.items() if m & dynamic)
 
 
 def _rewritten(step: TracedStep) -> _ir.Program:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .. import _interpret
 from .._graph import Group, Unit
 from .classify import Classified
 from .plan import Regions
@@ -37,11 +38,11 @@ def _leaf_bits(step, program, groups, regs: Regions):
     depends on: `new_leaf` transitively, through other groups' updates;
     `leaf_bit` as readers outside the tail see it (a hooked new state stands for
     itself only)."""
-    prev: dict[int, int] = {}
+    state_bit: dict[int, int] = {}
     for gi, g in enumerate(groups):
         for j in g.leaves:
             v = step.state_vars[j]
-            prev[v] = prev.get(v, 0) | 1 << gi
+            state_bit[v] = state_bit.get(v, 0) | 1 << gi
     flat = [(gi, j) for gi, g in enumerate(groups) for j in g.leaves]
     sink_bit: dict[int, int] = {}
     new_state = program.outvars[step.n_y :]
@@ -49,26 +50,10 @@ def _leaf_bits(step, program, groups, regs: Regions):
         v = new_state[j]
         if isinstance(v, int) and regs.group_of_sink(v) == gi:
             sink_bit[v] = sink_bit.get(v, 0) | 1 << b
-    new_leaf: dict[int, int] = {}
-    leaf_bit: dict[int, int] = {}
-    for v, bits in sink_bit.items():
-        if v not in program.producer:
-            new_leaf[v] = leaf_bit[v] = bits
-    for e in program.eqns:
-        pb = lb = db = 0
-        for a in e.ins:
-            if isinstance(a, int):
-                pb |= prev.get(a, 0)
-                lb |= new_leaf.get(a, 0)
-                db |= leaf_bit.get(a, 0)
-        for o in e.outs:
-            if pb:
-                prev[o] = pb
-            if lb | sink_bit.get(o, 0):
-                new_leaf[o] = lb | sink_bit.get(o, 0)
-            direct = sink_bit[o] if o in sink_bit else db
-            if direct:
-                leaf_bit[o] = direct
+    everything = range(len(program.eqns))
+    prev = _interpret.union_bits(program, everything, state_bit)
+    new_leaf = _interpret.union_bits(program, everything, sink_bit)
+    leaf_bit = _interpret.union_bits(program, everything, sink_bit, pinned=sink_bit)
     return prev, new_leaf, leaf_bit, flat
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .. import _ir
+from .. import _interpret, _ir
 from .._errors import EtraceError
 from .._graph import Group
 from . import labels as _labels, weights
@@ -136,7 +136,7 @@ def _check_tail_eqn(classified: Classified, eqn: _ir.Eqn, paths) -> None:
     for a in eqn.ins:
         if isinstance(a, int):
             bits |= classified.pmask.get(a, 0)
-    if eqn.name in _labels.CONTROL:
+    if eqn.name in _interpret.CONTROL:
         names = _param_list(bits, paths)
         raise EtraceError(
             _CONTROL_FLOW.format(
@@ -233,11 +233,10 @@ class _Nodes:
 def _labelled(step: TracedStep, program: _ir.Program, tail: Tail, nodes: _Nodes):
     """Runs the label domain over the tail and joins each new state leaf's labels
     to its own nodes."""
-    lab = _labels.Labeller(program, nodes.seeds)
-    lab.n_hidden = nodes.n_hidden
+    lab = _labels.Labels(program, nodes.seeds, nodes.n_hidden)
     try:
         lab.run(sorted(tail.eqns))
-    except _labels._NonStatic as err:
+    except _labels.NonStatic as err:
         raise EtraceError(_NON_STATIC.format(prim=_labels.describe(err.eqn))) from None
     new_state = program.outvars[step.n_y :]
     for j in float_leaves(step):

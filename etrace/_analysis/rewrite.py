@@ -22,7 +22,7 @@ import jax
 from jax import lax
 
 from .. import _ir
-from . import labels as _labels
+from .._interpret import ELEMENTWISE
 
 
 def _spliced(
@@ -66,7 +66,7 @@ def broadcast_shared(
     eqns: list[_ir.Eqn] = []
     changed = False
     for e in program.eqns:
-        if e.name not in _labels.ELEMENTWISE or not any(dynamic(a) for a in e.ins):
+        if e.name not in ELEMENTWISE or not any(dynamic(a) for a in e.ins):
             eqns.append(e)
             continue
         shape = tuple(program.aval(e.outs[0]).shape)

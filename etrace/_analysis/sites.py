@@ -7,108 +7,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _ir
+from .. import _interpret
 from .._graph import Site, Unit
 from . import weights
 from .classify import Classified
 from .locality import Locality, Tail
 from .model import split_model
 from .trace import TracedStep
-
-
-_UNION = frozenset("add sub add_any max min or select_n concatenate".split())
-_SAME = frozenset(
-    "neg convert_element_type copy copy_p reduce_precision stop_gradient".split()
-)
-_MOVE = frozenset(
-    "reshape broadcast_in_dim transpose squeeze expand_dims rev slice".split()
-)
-
-
-class _Structure:
-    """Where a parameter-only value can be non-zero, from the constants it is
-    computed with: `(mask * W)` is zero wherever a constant `mask` is."""
-
-    def __init__(self, program, dyn, params, known: dict[int, np.ndarray]):
-        self.program = program
-        self.dyn = dyn
-        self.params = params  # variables that depend on a parameter
-        self.known = known  # non-parameter model arrays: variable -> value
-        self.cache: dict[int, np.ndarray] = {}
-        self.used: set[int] = set()
-
-    def of(self, v: _ir.Operand) -> np.ndarray:
-        program = self.program
-        shape = tuple(program.aval(v).shape)
-        if isinstance(v, _ir.Lit):
-            return np.broadcast_to(np.asarray(v.val) != 0, shape)
-        if v in self.cache:
-            return self.cache[v]
-        dense = np.ones(shape, bool)
-        if v in program.consts:
-            out = np.asarray(program.consts[v]) != 0
-        elif v in self.known:
-            out = np.asarray(self.known[v]) != 0
-            self.used.add(v)
-        elif v in self.dyn or v not in program.producer:
-            out = dense
-        else:
-            out = self._eqn(program.eqns[program.producer[v]], v, dense)
-        out = np.broadcast_to(out, shape)
-        self.cache[v] = out
-        return out
-
-    def value(self, v: _ir.Operand) -> np.ndarray | None:
-        """The concrete value of `v` if it depends on constants and non-parameter
-        model arrays only (a mask's predicate), else `None`."""
-        if isinstance(v, int) and v in self.known:
-            self.used.add(v)
-            return np.asarray(self.known[v])
-        if isinstance(v, int) and (v in self.dyn or v in self.params):
-            return None
-        if isinstance(v, int) and v in self.program.producer:
-            e = self.program.eqns[self.program.producer[v]]
-            args = [self.value(a) for a in e.ins]
-            if any(a is None for a in args):
-                return None
-            with jax.ensure_compile_time_eval():
-                outs = _ir.bind(e, *(jnp.asarray(a) for a in args))
-            return np.asarray(outs[e.outs.index(v)])
-        return _ir.literal_value(self.program, v, {})
-
-    def _eqn(self, e: _ir.Eqn, v: int, dense: np.ndarray) -> np.ndarray:
-        if len(e.outs) != 1:
-            return dense
-        if e.name in ("mul", "and"):
-            a, b = (self.of(x) for x in e.ins)
-            return a & b
-        if e.name in _SAME:
-            return self.of(e.ins[0])
-        if e.name == "select_n":
-            cases = [self.of(x) for x in e.ins[1:]]
-            which = self.value(e.ins[0])
-            if which is None:
-                return np.logical_or.reduce(cases)
-            which = np.broadcast_to(np.asarray(which).astype(int), dense.shape)
-            return np.choose(which, [np.broadcast_to(c, dense.shape) for c in cases])
-        if e.name in _UNION - {"select_n", "concatenate"}:
-            return np.logical_or.reduce([self.of(x) for x in e.ins])
-        if e.name in _MOVE or e.name == "concatenate":
-            if any(isinstance(a, int) and a in self.dyn for a in e.ins):
-                return dense
-            with jax.ensure_compile_time_eval():
-                (out,) = _ir.bind(e, *(jnp.asarray(self.of(a)) for a in e.ins))
-            return np.asarray(out)
-        if e.name == "dot_general":
-            with jax.ensure_compile_time_eval():
-                args = [jnp.asarray(self.of(a), jnp.float32) for a in e.ins]
-                (out,) = _ir.bind(e, *args)
-            return np.asarray(out) > 0
-        return dense
 
 
 def _site_name(params: tuple[int, ...], paths: tuple[str, ...]) -> str:
@@ -184,7 +92,11 @@ class Sites:
     mask_leaves: tuple[tuple[int, np.ndarray], ...]
 
 
-def _structure(model: Any, step: TracedStep, classified: Classified) -> _Structure:
+def _structure(
+    model: Any, step: TracedStep, classified: Classified
+) -> _interpret.Zeros:
+    """The structural-zero domain over the step, with the model's non-parameter
+    arrays known: `(mask * W)` is zero wherever a constant or a fixed `mask` is."""
     leaves, _, _ = split_model(model)
     invars = classified.program.invars
     known = {
@@ -192,7 +104,8 @@ def _structure(model: Any, step: TracedStep, classified: Classified) -> _Structu
         for k in range(step.n_dyn)
         if not step.layout.is_param[k]
     }
-    return _Structure(classified.program, classified.dyn, set(classified.pmask), known)
+    opaque = classified.dyn.union(classified.pmask)
+    return _interpret.Zeros(classified.program, known, opaque)
 
 
 def _units(site: Site, program, local: Locality, groups) -> list[Unit]:
@@ -233,7 +146,7 @@ def find_sites(
             weight = program.eqns[p].ins[form.w_pos]
             params = classified.params_of(weight) if isinstance(weight, int) else ()
             site = _matrix_site(program, p, form, params, paths)
-            pattern = site.canonical_w_np(structure.of(site.weight))
+            pattern = site.canonical_w_np(structure.get(site.weight))
             if not pattern.all():
                 site = dataclasses.replace(site, pattern=pattern)
         else:
@@ -266,21 +179,14 @@ def coupling(program, eqns, leaves, sinks, state_vars):
     ones through its update `eqns`. Dependence is carried by inexact values only
     (a comparison's boolean result has no derivative) and is cut by
     `stop_gradient`, as in autodiff; anything else counts as a dependence."""
-    dep: dict[int, int] = {}
-    for b, j in enumerate(leaves):
-        dep[state_vars[j]] = 1 << b
-    for i in eqns:
-        e = program.eqns[i]
-        if e.name == "stop_gradient":
-            continue
-        m = 0
-        for a in e.ins:
-            if isinstance(a, int):
-                m |= dep.get(a, 0)
-        if m:
-            for o in e.outs:
-                if jnp.issubdtype(program.avals[o].dtype, jnp.inexact):
-                    dep[o] = m
+    seeds = {state_vars[j]: 1 << b for b, j in enumerate(leaves)}
+    dep = _interpret.union_bits(
+        program,
+        eqns,
+        seeds,
+        cut={"stop_gradient"},
+        carries=lambda aval: jnp.issubdtype(aval.dtype, jnp.inexact),
+    )
     return tuple(
         tuple(
             isinstance(s, int) and bool(dep.get(s, 0) >> b & 1)

@@ -12,7 +12,7 @@ import jax.tree_util as jtu
 
 from .. import _ir
 from .._analysis import initial_state, split_model, trace
-from .._analysis.labels import CALLS
+from .._interpret import CALLS
 
 
 _SATURATING = {"tanh": 0.99, "logistic": 0.99}
