@@ -21,8 +21,10 @@ from ._algorithm.osttp import OSTTP as OSTTP
 from ._algorithm.otpe import OTPE as OTPE
 from ._algorithm.ottt import OTTT as OTTT
 from ._algorithm.precision import ReducedPrecision as ReducedPrecision
+from ._algorithm.rflo import RFLO as RFLO
 from ._algorithm.rtrl import RTRL as RTRL
 from ._algorithm.snap import SnAp as SnAp
+from ._algorithm.three_factor import ThreeFactor as ThreeFactor
 from ._algorithm.uoro import UORO as UORO
 from ._algorithm.wrapped import AbstractWrappedAlgorithm as AbstractWrappedAlgorithm
 from ._errors import EtraceError as EtraceError, EtraceWarning as EtraceWarning

@@ -150,6 +150,8 @@ class Learner(eqx.Module):
         trace_state: TraceState,
         x: PyTree[ArrayLike],
         target: PyTree[ArrayLike] | None = None,
+        *,
+        modulator: PyTree[ArrayLike] | None = None,
     ):
         """Runs the model for one step and advances hidden state and traces.
 
@@ -163,6 +165,11 @@ class Learner(eqx.Module):
         - `target`: this step's target, for algorithms whose learning signal is a
             projection of it (`etrace.OSTTP`; batched like `x`); ignored by the
             others.
+        - `modulator`: this step's third factor, for algorithms whose learning
+            signal is a modulator (`etrace.ThreeFactor`): a scalar for every
+            neuron, an array of a hidden group's neuron shape, or a dict of those
+            keyed by group name. With a batched trace state every leaf has a
+            leading axis `B`, one modulator per example (or is a scalar for all).
 
         **Returns:**
 
@@ -187,7 +194,9 @@ class Learner(eqx.Module):
         was compiled. With `check_finite` (see `etrace.compile`), a runtime error
         naming the parameter when a trace or a gradient stops being finite.
         """
-        y, trace_state, _ = self._run(model, trace_state, x, target)
+        y, trace_state, _ = self._run(
+            model, trace_state, x, target, modulator=modulator
+        )
         return y, trace_state
 
     def _run(
@@ -198,25 +207,38 @@ class Learner(eqx.Module):
         target: PyTree[ArrayLike] | None = None,
         options: StepOptions = StepOptions(),
         io: ChunkIO = ChunkIO(),
+        modulator: Any = None,
     ) -> tuple[Any, TraceState, dict[str, Any]]:
         """`step` with explicit static `options` and a chunk's `io` (see
         `etrace._step`); also returns what a chunk's step recorded. A batched
         trace state runs the batch under `vmap`, its read-out summed over it."""
         size = batch_size(trace_state)
         if size is None:
-            return self._run_one(model, trace_state, x, target, options, io)
+            return self._run_one(model, trace_state, x, target, options, io, modulator)
         _check_batch(size, "x", x, self.compiled.step.x_avals)
         if target is not None:
             _check_batch(size, "target", target)
+        if modulator is not None:  # a scalar is the same for every example
+            modulator = jtu.tree_map(
+                lambda m: jnp.broadcast_to(m, (size,)) if jnp.ndim(m) == 0 else m,
+                modulator,
+            )
+            _check_batch(size, "modulator", modulator)
         options = dataclasses.replace(options, summed=True)
 
-        def one(ts, x, target, io):
-            return self._run_one(model, ts, x, target, options, io)
+        def one(ts, x, target, io, modulator):
+            return self._run_one(model, ts, x, target, options, io, modulator)
 
-        target_axis = None if target is None else 0
-        return jax.vmap(one, in_axes=(0, 0, target_axis, 0))(trace_state, x, target, io)
+        axes = (
+            0,
+            0,
+            None if target is None else 0,
+            0,
+            None if modulator is None else 0,
+        )
+        return jax.vmap(one, in_axes=axes)(trace_state, x, target, io, modulator)
 
-    def _run_one(self, model, trace_state, x, target, options, io):
+    def _run_one(self, model, trace_state, x, target, options, io, modulator=None):
         c = self.compiled
         dyn = self._checked_model(model)
         x_leaves = self._checked_input(x)
@@ -231,6 +253,7 @@ class Learner(eqx.Module):
             target,
             options,
             io,
+            modulator,
         )
         traces = out.traces
         if self.check_finite:

@@ -134,6 +134,7 @@ def online_grad(
     *,
     mask: Float[Array, " T"] | None = None,
     chunk: int | None = None,
+    modulators: PyTree[Array] | None = None,
 ) -> tuple[Any, TraceState, Float[Array, " T"]]:
     """The online gradient of a whole sequence, with memory independent of its length.
 
@@ -161,6 +162,11 @@ def online_grad(
         grows by the chunk's Jacobians, inputs and learning signals (`chunk`
         times a step's, independent of the sequence's length). Worth it where
         the traces are larger than the CPU's caches (see the performance page).
+    - `modulators`: for algorithms whose learning signal is a modulator
+        (`etrace.ThreeFactor`), each step's modulator (as `Learner.step` takes
+        it), time on axis 0 and, with a batched trace state, the batch on axis 1
+        (or scalars per step, the same for the whole batch). Weighted like the
+        step's loss: by `mask[t]`, and by `1 / B` for a batch's mean.
 
     **Returns:**
 
@@ -180,7 +186,21 @@ def online_grad(
                 )
     if chunk is not None:
         _check_chunk(learner, chunk)
-    return _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask, chunk)
+    if modulators is not None:
+        _check_modulators(xs, targets, mask, modulators)
+    return _online_grad(
+        learner, loss_fn, model, trace_state, xs, targets, mask, chunk, modulators
+    )
+
+
+def _check_modulators(xs: Any, targets: Any, mask: Any, modulators: Any) -> None:
+    length = _length(xs, targets, mask)
+    for path, m in jtu.tree_flatten_with_path(modulators)[0]:
+        if jnp.ndim(m) == 0 or jnp.shape(m)[0] != length:
+            raise EtraceError(
+                f"`modulators{jtu.keystr(path)}` has shape {jnp.shape(m)}: it needs "
+                f"time on axis 0, {length} steps like `xs`."
+            )
 
 
 def _check_chunk(learner: Learner, chunk: Any) -> None:
@@ -191,10 +211,12 @@ def _check_chunk(learner: Learner, chunk: Any) -> None:
             f"`chunk` must be a positive integer (steps per chunk), got {chunk!r}."
         )
     algorithm = learner.algorithm
-    if algorithm.learning_signal != "gradient":
+    signal = algorithm.learning_signal
+    if signal != "gradient":
+        how = "takes a modulator" if signal == "modulator" else "projects a feedback"
         raise EtraceError(
-            f"{type(algorithm).__name__} projects a feedback learning signal, which "
-            "a chunk does not collect; leave `chunk` out."
+            f"{type(algorithm).__name__} {how} learning signal, which a chunk does "
+            "not collect; leave `chunk` out."
         )
     refusal = algorithm.chunk_refusal(learner.graph)
     if refusal is not None:
@@ -211,16 +233,22 @@ def _step_loss(learner, loss_fn, batched: bool, size: int, options: StepOptions)
     projects_target = learner.algorithm.learning_signal == "target_feedback"
     share = 1.0 / size if batched else 1.0
 
-    def step_loss(model, ts, x, target, weight, io=ChunkIO()):
-        signal_target = None
-        if projects_target:
-            # The learning signal is linear in the target it projects: weight it
-            # like this step's loss (mask, batch mean).
-            signal_target = jtu.tree_map(
-                lambda a: jnp.asarray(a) * (weight.astype(jnp.result_type(a)) * share),
-                target,
-            )
-        y, ts, records = learner._run(model, ts, x, signal_target, options, io)
+    def weighted(tree, weight):
+        return jtu.tree_map(
+            lambda a: jnp.asarray(a) * (weight.astype(jnp.result_type(a)) * share),
+            tree,
+        )
+
+    def step_loss(model, ts, x, target, weight, modulator=None, io=ChunkIO()):
+        # A learning signal that replaces the loss's (a projected target, a
+        # modulator) is linear in what it is made of: weight that like this
+        # step's loss (mask, batch mean).
+        signal_target = weighted(target, weight) if projects_target else None
+        if modulator is not None:
+            modulator = weighted(modulator, weight)
+        y, ts, records = learner._run(
+            model, ts, x, signal_target, options, io, modulator
+        )
         if batched:
             loss = jnp.mean(jax.vmap(loss_fn)(y, target))
         else:
@@ -241,7 +269,9 @@ def _add_grads(total: Any, grads: Any, turned: Any) -> Any:
 # One program for the whole sequence, called eagerly or inside the caller's `jit`:
 # run eagerly, the scan and the bookkeeping around it would each compile apart.
 @eqx.filter_jit
-def _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask, chunk):
+def _online_grad(
+    learner, loss_fn, model, trace_state, xs, targets, mask, chunk, modulators
+):
     mask = _default_mask(xs, targets, mask)
     batched = jnp.ndim(trace_state.t) == 1
     size = int(jnp.shape(trace_state.t)[0]) if batched else 1
@@ -265,7 +295,8 @@ def _online_grad(learner, loss_fn, model, trace_state, xs, targets, mask, chunk)
         ts = learner.after_read_out(ts, grads)
         return (ts, _add_grads(total, grads, turned)), loss
 
-    (trace_state, grads), losses = jax.lax.scan(body, init, (xs, targets, mask))
+    inputs = (xs, targets, mask, modulators)
+    (trace_state, grads), losses = jax.lax.scan(body, init, inputs)
     return jtu.tree_map(_turn, grads, turned), trace_state, losses
 
 
@@ -292,7 +323,7 @@ def _chunk_run(learner, loss_fn, model, turned, batched, size, options):
 
     def probed(diff, ts, x, target, weight):
         model, probes = diff
-        return collect_loss(model, ts, x, target, weight, ChunkIO(probes=probes))
+        return collect_loss(model, ts, x, target, weight, None, ChunkIO(probes=probes))
 
     collect_grad = eqx.filter_value_and_grad(probed, has_aux=True)
     flush_grad = eqx.filter_value_and_grad(flush_loss, has_aux=True)
@@ -322,7 +353,7 @@ def _chunk_run(learner, loss_fn, model, turned, batched, size, options):
         io = ChunkIO(records=records, signals=signals)
         last = jtu.tree_map(lambda a: a[n - 1], inputs)
         (_, (out, loss, _)), grads = flush_grad(
-            model, TraceState(state, traces, t), *last, io
+            model, TraceState(state, traces, t), *last, None, io
         )
         total = _add_grads(total, grads, turned)
         # The new traces after the read-out, which reads the chunk's first ones:

@@ -45,6 +45,7 @@ What the descriptions cover:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -57,6 +58,7 @@ import jax.random as jr
 import numpy as np
 
 import etrace
+from etrace._algorithm import registry
 
 
 LAYER_KINDS = (
@@ -84,19 +86,8 @@ RESETS = ("soft", "hard", "detached")
 REFUSALS = ("layernorm", "mean", "cond")
 # Layers that store one explicit hidden vector, where a refusal can be inserted.
 REFUSABLE = ("gru", "rnn", "elman", "diagonal", "leaky")
-ALGORITHMS = (
-    "D_RTRL",
-    "ES_D_RTRL",
-    "RTRL",
-    "EProp",
-    "SnAp",
-    "UORO",
-    "OSTLFeedforward",
-    "OSTLRecurrent",
-    "OTTT",
-    "OTPE",
-    "OSTTP",
-)
+# The algorithms by class name, as the cases store them: the registry's.
+ALGORITHMS = tuple(registry.BY_NAME)
 
 VOCAB = 5  # rows of every embedding table
 TUPLE_EMBEDDING = 3  # row size of the token embedding of a tuple input
@@ -235,20 +226,17 @@ class Architecture:
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmSpec:
-    """An algorithm by name and constructor arguments (JSON values only).
-
-    `OSTTP`'s `feedback` is given as `feedback_seed`, the seed of its
-    `etrace.FixedRandomFeedback`.
+    """An algorithm by the name of its class and its constructor arguments as
+    storable values (JSON only), which its registry entry turns into the arguments
+    (`OSTTP`'s `feedback` is given as `feedback_seed`, the seed of its
+    `etrace.FixedRandomFeedback`).
     """
 
     name: str
     kwargs: tuple[tuple[str, Any], ...] = ()
 
     def build(self) -> etrace.AbstractAlgorithm:
-        kwargs = dict(self.kwargs)
-        if self.name == "OSTTP" and "feedback_seed" in kwargs:
-            kwargs["feedback"] = etrace.FixedRandomFeedback(kwargs.pop("feedback_seed"))
-        return getattr(etrace, self.name)(**kwargs)
+        return registry.BY_NAME[self.name].build(dict(self.kwargs))
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "kwargs": dict(self.kwargs)}
@@ -440,45 +428,23 @@ def architectures(
     )
 
 
-def _unit_float(draw: Any) -> float:
-    """A float in [0, 0.9] on a grid of 0.05, so that stored cases stay readable."""
-    return draw(st.integers(0, 18)) / 20
-
-
-@st.composite
-def algorithm_specs(draw: Any, names: tuple[str, ...] = ALGORITHMS) -> AlgorithmSpec:
-    """A strategy of `AlgorithmSpec`s over the algorithms etrace ships, with the
-    hyper-parameter ranges of `etrace.testing.algorithms`, as storable values."""
-    name = draw(st.sampled_from(names))
-    kwargs: dict[str, Any] = {}
-    if name == "D_RTRL":
-        kwargs["sparse"] = draw(st.booleans())
-    elif name == "ES_D_RTRL":
-        if draw(st.booleans()):
-            kwargs["decay"] = _unit_float(draw)
-        else:
-            kwargs["rank"] = draw(st.integers(1, 8))
-        kwargs["bias_correction"] = draw(st.booleans())
-    elif name == "EProp":
-        kwargs["feedback"] = draw(st.sampled_from(["symmetric", "random"]))
-        kwargs["kappa"] = draw(
-            st.none() | st.builds(lambda i: i / 20, st.integers(1, 18))
-        )
-    elif name == "SnAp":
-        kwargs["n"] = draw(st.integers(1, 4))
-        kwargs["sparse"] = draw(st.none() | st.booleans())
-    elif name == "UORO":
-        kwargs["seed"] = draw(st.integers(0, 2**16))
-    elif name == "OTTT":
-        kwargs["decay"] = _unit_float(draw)
-        kwargs["mode"] = draw(st.sampled_from("AO"))
-    elif name == "OTPE":
-        kwargs["decay"] = _unit_float(draw)
-        kwargs["approx"] = draw(st.booleans())
-    elif name == "OSTTP":
-        kwargs["feedback_seed"] = draw(st.integers(0, 99))
-        kwargs["recurrent"] = draw(st.booleans())
+def _spec(name: str, kwargs: dict[str, Any]) -> AlgorithmSpec:
     return AlgorithmSpec(name, tuple(sorted(kwargs.items())))
+
+
+def algorithm_specs(names: tuple[str, ...] = ALGORITHMS) -> Any:
+    """A strategy of `AlgorithmSpec`s over the algorithms etrace ships, with the
+    hyper-parameter ranges of their registry entries (as `etrace.testing.algorithms`
+    draws them), as storable values."""
+    # Built before any draw: the test session type-checks etrace's functions, and
+    # the check of a container samples it with Python's `random`, which hypothesis
+    # forbids inside a draw.
+    return st.one_of(
+        *[
+            registry.BY_NAME[name].values(st).map(functools.partial(_spec, name))
+            for name in names
+        ]
+    )
 
 
 def fuzz_cases(

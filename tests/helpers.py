@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 
 import etrace
+from etrace._algorithm import registry
 from etrace.testing._families import (  # noqa: F401
     ALIFNet,
     build,
@@ -33,20 +35,19 @@ from etrace.testing._families import (  # noqa: F401
 )
 
 
-# One configured instance of every shipped algorithm, for tests that hold for all.
-ALGORITHMS = {
-    "d_rtrl": etrace.D_RTRL(),
-    "es_d_rtrl": etrace.ES_D_RTRL(decay=0.6, bias_correction=True),
-    "rtrl": etrace.RTRL(),
-    "snap2": etrace.SnAp(2),
-    "uoro": etrace.UORO(seed=3),
-    "eprop": etrace.EProp(feedback="random", kappa=0.5),
-    "ostl_recurrent": etrace.OSTLRecurrent(),
-    "ottt": etrace.OTTT(decay=0.7),
-    "otpe": etrace.OTPE(0.7),
-    "f_otpe": etrace.OTPE(0.7, approx=True),
-    "osttp": etrace.OSTTP(recurrent=True),
-}
+# The configured instances of every shipped algorithm (at least one per class), for
+# tests that hold for all: the registry's.
+ALGORITHMS = registry.INSTANCES
+
+
+def modulators(learner, xs):
+    """Per-step scalar modulators shaped like `xs` without its feature axis (time,
+    and the batch if any), for an algorithm whose learning signal is a modulator;
+    `None` for the others."""
+    if learner.algorithm.learning_signal != "modulator":
+        return None
+    shape = jnp.shape(xs)[:-1]
+    return jnp.cos(jnp.arange(math.prod(shape))).reshape(shape).astype(xs.dtype)
 
 
 def sweep(fast: int, slow: int, **strategies):

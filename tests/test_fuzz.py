@@ -79,6 +79,17 @@ def _index(tree, i):
     return jtu.tree_map(lambda a: a[i], tree)
 
 
+def _modulators(learner, trace_state, xs):
+    """For an algorithm whose learning signal is a modulator, one per step (and
+    example): a function of the inputs, so that it follows them into chunks and
+    examples; `None` for the others."""
+    if learner.algorithm.learning_signal != "modulator":
+        return None
+    lead = 2 if jnp.ndim(trace_state.t) == 1 else 1  # time, and the batch
+    leaf = jnp.asarray(jtu.tree_leaves(xs)[0], jnp.float64)
+    return jnp.tanh(jnp.sum(leaf, axis=tuple(range(lead, leaf.ndim))) + 0.5)
+
+
 @eqx.filter_jit
 def _runs(learner, model, xs, targets, half):
     """Every run the invariants compare, in one compiled program.
@@ -94,7 +105,15 @@ def _runs(learner, model, xs, targets, half):
     """
 
     def run(trace_state, x, target):
-        return etrace.online_grad(learner, fm.loss, model, trace_state, x, target)
+        return etrace.online_grad(
+            learner,
+            fm.loss,
+            model,
+            trace_state,
+            x,
+            target,
+            modulators=_modulators(learner, trace_state, x),
+        )
 
     per_example = jtu.tree_map(lambda a: jnp.moveaxis(a, 1, 0), (xs, targets))
     single = jax.lax.map(lambda e: run(learner.init(), *e), per_example)
@@ -278,6 +297,14 @@ def test_cases_round_trip_through_json():
     case = fm.FuzzCase(arch, algorithm, data_seed=11, length=4)
     assert fm.FuzzCase.from_json(json.loads(case.dumps(note="x"))) == case
     assert isinstance(case.algorithm.build(), etrace.OSTTP)
+
+
+@settings(max_examples=40, deadline=None)
+@given(spec=fm.algorithm_specs())
+def test_algorithm_specs_build_and_round_trip_through_json(spec):
+    stored = fm.AlgorithmSpec.from_json(json.loads(json.dumps(spec.to_json())))
+    assert stored == spec
+    assert type(stored.build()).__name__ == spec.name
 
 
 # --------------------------------------------------------------------------------

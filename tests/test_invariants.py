@@ -8,8 +8,12 @@ import pytest
 
 import etrace
 import etrace.testing as et
+from etrace._algorithm import registry
 
-from .helpers import ALGORITHMS, data, leaf_errors, mse
+from .helpers import data, leaf_errors, modulators, mse
+
+
+ALGORITHMS = registry.INSTANCES
 
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
@@ -19,22 +23,29 @@ def test_chunks_vmap_and_structure(name):
     learner, _ = etrace.compile(
         model, xs[0, 0], state=state, algorithm=ALGORITHMS[name]
     )
-    x1, y1 = xs[:, 0], ys[:, 0]
-    whole, ts_whole, _ = etrace.online_grad(learner, mse, model, learner.init(), x1, y1)
-    first, mid, _ = etrace.online_grad(
-        learner, mse, model, learner.init(), x1[:2], y1[:2]
-    )
-    second, ts_end, _ = etrace.online_grad(learner, mse, model, mid, x1[2:], y1[2:])
+    ms = modulators(learner, xs)  # for an algorithm that takes them
+
+    def part(a, where):
+        return None if a is None else a[where]
+
+    x1, y1, m1 = xs[:, 0], ys[:, 0], part(ms, (slice(None), 0))
+
+    def run(ts, xs, ys, ms, **kwargs):
+        return etrace.online_grad(
+            learner, mse, model, ts, xs, ys, modulators=ms, **kwargs
+        )
+
+    whole, ts_whole, _ = run(learner.init(), x1, y1, m1)
+    first, mid, _ = run(learner.init(), x1[:2], y1[:2], part(m1, slice(2)))
+    second, ts_end, _ = run(mid, x1[2:], y1[2:], part(m1, slice(2, None)))
     assert (
         max(leaf_errors(whole, jax.tree.map(jnp.add, first, second)).values()) <= 1e-9
     )
     assert max(leaf_errors(ts_whole, ts_end).values()) <= 1e-9
 
-    batched, _, _ = etrace.online_grad(
-        learner, mse, model, learner.init(batch_size=2), xs, ys
-    )
+    batched, _, _ = run(learner.init(batch_size=2), xs, ys, ms)
     loop = [
-        etrace.online_grad(learner, mse, model, learner.init(), xs[:, b], ys[:, b])[0]
+        run(learner.init(), xs[:, b], ys[:, b], part(ms, (slice(None), b)))[0]
         for b in range(2)
     ]
     mean = jax.tree.map(lambda p, q: (p + q) / 2, *loop)
@@ -42,9 +53,7 @@ def test_chunks_vmap_and_structure(name):
     params = eqx.filter(model, eqx.is_inexact_array)
     assert jax.tree.structure(whole) == jax.tree.structure(params)
 
-    zero, _, _ = etrace.online_grad(
-        learner, mse, model, learner.init(), x1, y1, mask=jnp.zeros(6)
-    )
+    zero, _, _ = run(learner.init(), x1, y1, m1, mask=jnp.zeros(6))
     assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree.leaves(zero))
 
 

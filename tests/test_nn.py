@@ -562,7 +562,7 @@ def test_summary_lists_neuron_parameters():
     # One trace per state, but none for the spike, whose previous value no
     # update reads (D-RTRL reads its gradient from the traces before the update).
     assert "elementwise" in row and "  (1, 3, 1, 1)  " in row
-    assert "no trace for neuron.z" in row
+    assert "no trace kept for neuron.z" in row
     assert "neuron.threshold" not in text  # a Python float: no parameter
     (trace,) = learner.trace_of(trace_state, lambda m: m.neuron.tau).values()
     assert trace[0] is None and trace[1].shape == (1, n, 1, 1)

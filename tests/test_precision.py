@@ -9,7 +9,7 @@ import pytest
 import etrace
 import etrace.testing as et
 
-from .helpers import ALGORITHMS, all_eqns, data, leaf_errors, mse
+from .helpers import ALGORITHMS, all_eqns, data, leaf_errors, modulators, mse
 
 
 INNER = {
@@ -124,8 +124,11 @@ def test_float32_models_compute_in_float32(name, dtype):
     )
     xs, ys = jax.tree.map(lambda a: a.astype(dtype), data(1, 4, 2, 2, batch=2))
     learner, _ = etrace.compile(model, xs[0, 0], state=state, algorithm=ALL[name])
+    ms = modulators(learner, xs)
     closed = jax.make_jaxpr(
-        lambda ts, xs, ys: etrace.online_grad(learner, mse, model, ts, xs, ys)
+        lambda ts, xs, ys: etrace.online_grad(
+            learner, mse, model, ts, xs, ys, modulators=ms
+        )
     )(learner.init(batch_size=2), xs, ys)
     found = _float64_values(closed)
     if dtype == jnp.float32:

@@ -29,7 +29,7 @@ CAPABILITIES: dict[str, Any] = {
     "learning_signal": "gradient",
     "outer_product_gradients": False,
 }
-LEARNING_SIGNALS = ("gradient", "error_feedback", "target_feedback")
+LEARNING_SIGNALS = ("gradient", "error_feedback", "target_feedback", "modulator")
 
 _UNKNOWN_CAPABILITY = """\
 `{cls}.{name}` is not a capability of an etrace algorithm{close}. The capabilities
@@ -114,7 +114,10 @@ class AbstractAlgorithm(eqx.Module):
         random projection from `project`: of the output error `dL/dy`
         (`"error_feedback"`, random e-prop) or of the step's target
         (`"target_feedback"`, `OSTTP`), delivered to each group's output state,
-        with nothing back-propagated through the weights that read hidden values.
+        with nothing back-propagated through the weights that read hidden values;
+        or `"modulator"`: a third factor passed with each step
+        (`learner.step(..., modulator=m)`) in place of `dL/dh` for every state of
+        every neuron (`ThreeFactor`).
     - `outer_product_gradients = True`: each step's gradient of a weight matrix is
         one matrix product over the batch (`ES_D_RTRL`, `OTTT`); `online_grad`
         may then keep its running sum of such a matrix transposed, the faster
@@ -304,6 +307,52 @@ class AbstractAlgorithm(eqx.Module):
     def summary_note(self, graph: Graph, path: str) -> str | None:
         """Words `Learner.summary` adds to the parameter's reason, or `None`."""
         del graph, path
+        return None
+
+    def exact_regime(self, facts: Any) -> Any:
+        """Where this algorithm equals BPTT on a compiled model, or `None` (the
+        default) where it declares no rule (`etrace.testing.exact_regime` then
+        says that none is registered).
+
+        The rule is stated with the building blocks `facts` offers (what
+        `etrace.testing` reads from the compiled graph), without the model:
+
+        - `facts.diagonal(full_diagonal=False)`: D-RTRL's verdict, exact for the
+            groups whose recurrences are all element-wise (with `full_diagonal`,
+            also for one-neuron groups with recurrent weights);
+        - `facts.full()`: RTRL's verdict, exact unless a value is read from inside
+            the recurrent update before it is stored (`facts.one_step_read`);
+        - the hidden groups a rule concerns: `facts.with_memory()` (whose update
+            reads their previous state), `facts.downstream()` (that feed another
+            hidden group), `facts.receiving_signal()` (whose output a weight reads);
+        - `facts.restrict(regime, groups, reason)`: the parameters traced into
+            `groups` made inexact for `reason`; `facts.inexact(regime, reason,
+            paths)`: the parameters at `paths` made inexact;
+        - `facts.graph`, `facts.paths`, `facts.traced_paths(groups)`, and
+            `facts.learner` for what these do not cover.
+
+        A rule registered with `etrace.testing.register_exact_regime` for this
+        type (or a base of it) takes precedence over this method.
+
+        **Arguments:**
+
+        - `facts`: an `etrace.testing` `RegimeFacts` of the compiled model.
+
+        **Returns:**
+
+        An `etrace.testing.Regime` built from `facts`, or `None`.
+
+        !!! Example
+
+            ```python
+            def exact_regime(self, facts):
+                # D-RTRL's verdict, except where this algorithm's filter acts.
+                return facts.restrict(
+                    facts.diagonal(), facts.downstream(), "the filter smooths it"
+                )
+            ```
+        """
+        del facts
         return None
 
     def chunk_refusal(self, graph: Graph) -> str | None:

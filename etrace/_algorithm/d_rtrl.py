@@ -52,3 +52,7 @@ class D_RTRL(AbstractDiagonalAlgorithm):
             raise EtraceError(
                 f"`D_RTRL(sparse=...)` must be True or False, got {self.sparse!r}."
             )
+
+    def exact_regime(self, facts: Any) -> Any:
+        # Exact where every recurrence is element-wise.
+        return facts.diagonal()

@@ -159,6 +159,26 @@ class EProp(AbstractUnitAlgorithm):
             return super().project(index, vector, n)
         return self.feedback.project(index, vector, n)
 
+    def exact_regime(self, facts: Any) -> Any:
+        # D-RTRL's verdict, unless a filter or random feedback is involved.
+        regime = facts.diagonal()
+        if self.kappa is not None:
+            regime = facts.restrict(
+                regime,
+                facts.downstream(),
+                f"the kappa filter ({self.kappa.kappa}) is exact only if it equals "
+                "the leak of the downstream layer that integrates the filtered group "
+                "(a leaky readout `y = kappa y + W z`); that is not checked here",
+            )
+        if self.feedback is not None:
+            regime = facts.restrict(
+                regime,
+                facts.receiving_signal(),
+                "random feedback replaces the readout's transpose: the learning "
+                "signal is not the gradient",
+            )
+        return regime
+
     def init(self, graph: Graph) -> dict[str, Any]:
         plain = self._unfiltered()
         if plain is not None:

@@ -106,6 +106,25 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
         decayed = sum(columns[1:], columns[0]) if columns else 0 * ef
         return ex, a * decayed + (1 - a) * Df
 
+    def exact_regime(self, facts: Any) -> Any:
+        # Exact where D-RTRL is and, in addition, nothing has memory.
+        regime = facts.diagonal()
+        remembering = [g.name for g in facts.with_memory()]
+        if self.decay == 0.0 and not remembering:
+            return regime
+        if remembering:
+            reason = (
+                f"the hidden group(s) {remembering} have memory: the factorised "
+                "input and output traces each carry history, so their product is "
+                "not the D-RTRL trace"
+            )
+        else:
+            reason = (
+                f"decay {self.decay} > 0 on memoryless layers smooths the gradient "
+                "over time"
+            )
+        return facts.inexact(regime, reason, facts.traced_paths())
+
     def summary_note(self, graph: Graph, path: str) -> str | None:
         shared = self._shared(graph)
         by_name = {u.name: u for u in graph.units}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .diagonal.base import AbstractDiagonalAlgorithm
 
@@ -21,6 +21,9 @@ class OSTLFeedforward(AbstractDiagonalAlgorithm):
     paper); implementations that drop the leak from the trace compute OTTT_O
     instead. Exact for one feed-forward spiking layer. Memory $O(|W| K)$.
     """
+
+    def exact_regime(self, facts: Any) -> Any:
+        return facts.diagonal()
 
 
 class OSTLRecurrent(AbstractDiagonalAlgorithm):
@@ -41,3 +44,7 @@ class OSTLRecurrent(AbstractDiagonalAlgorithm):
     """
 
     full_diagonal: ClassVar[bool] = True
+
+    def exact_regime(self, facts: Any) -> Any:
+        # A one-neuron group's block is its whole Jacobian, recurrent weights too.
+        return facts.diagonal(full_diagonal=True)

@@ -57,3 +57,12 @@ class OSTTP(AbstractDiagonalAlgorithm):
 
     def project(self, index: int, vector: Array, n: int) -> Array:
         return self.feedback.project(index, vector, n)
+
+    def exact_regime(self, facts: Any) -> Any:
+        regime = facts.diagonal(full_diagonal=self.recurrent)
+        return facts.restrict(
+            regime,
+            facts.receiving_signal(),
+            "OSTTP's learning signal is a random projection of the target, not the "
+            "gradient",
+        )

@@ -64,6 +64,23 @@ class OTPE(AbstractUnitAlgorithm):
     def decay(self) -> float:
         return self.filter.kappa
 
+    def exact_regime(self, facts: Any) -> Any:
+        regime = facts.restrict(
+            facts.diagonal(),
+            facts.downstream(),
+            "the postsynaptic estimate is exact only if `decay` equals the leak of "
+            "the downstream layer and that layer is a leaky integrator; not checked "
+            "here",
+        )
+        if not self.approx:
+            return regime
+        return facts.restrict(
+            regime,
+            facts.with_memory(),
+            "F-OTPE factorises the trace: exact only where D = decay and Df is "
+            "constant over time",
+        )
+
     def init(self, graph: Graph) -> dict[str, Any]:
         if not self.approx:
             return filtered_init(

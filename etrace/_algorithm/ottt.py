@@ -55,6 +55,15 @@ class OTTT(AbstractUnitAlgorithm):
         self.mode = mode
         self.trace = None if mode == "O" else PresynapticTrace(decay)
 
+    def exact_regime(self, facts: Any) -> Any:
+        return facts.restrict(
+            facts.diagonal(),
+            facts.with_memory(),
+            "OTTT's presynaptic trace is the eligibility only where the neurons' "
+            "diagonal Jacobian is the constant `decay` (a LIF layer with detached "
+            "reset and that leak); that is not checked here",
+        )
+
     def init_unit(self, unit: Unit) -> Float[Array, "b f c"]:
         s = unit.site
         return jnp.zeros((s.b, s.fx, s.c), s.dtype)

@@ -31,6 +31,8 @@ class ReducedPrecision(AbstractWrappedAlgorithm):
     $2^{-8}$ per step for `bfloat16` (which, like `float32`, has 8 exponent bits:
     no overflow where `float32` has none). Integer leaves (a step counter, a
     random key) and traces already as narrow are kept as they are.
+    `etrace.testing.exact_regime` gives `inner`'s verdict, which then holds to
+    the rounding of `dtype`.
 
     **Arguments:**
 
@@ -113,6 +115,10 @@ class ReducedPrecision(AbstractWrappedAlgorithm):
 
     def summary_note(self, graph: Graph, path: str) -> str | None:
         return self.inner.summary_note(graph, path)
+
+    def exact_regime(self, facts: Any) -> Any:
+        # The same arithmetic: exact where `inner` is, to the rounding of `dtype`.
+        return self.inner.exact_regime(facts)
 
     def gradients_from_previous(self, graph, traces, signal, jac, *, summed=False):
         wide = self._widen(graph, traces)

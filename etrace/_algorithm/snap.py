@@ -194,6 +194,20 @@ class SnAp(AbstractAlgorithm):
         self.n = n
         self.sparse = sparse
 
+    def exact_regime(self, facts: Any) -> Any:
+        # RTRL once the mask covers everything the unit graph reaches.
+        graph = facts.graph
+        full = _masks(graph, graph.hidden_size + 1)
+        mine = _masks(graph, self.n)
+        cut = [p for p in full if (full[p] != mine[p]).any()]
+        if not cut:
+            return facts.full()
+        reason = (
+            f"SnAp({self.n}) drops sensitivities that the unit graph reaches in more "
+            f"than {self.n - 1} step(s), for {cut}"
+        )
+        return facts.inexact(facts.full(), reason, cut)
+
     def init(self, graph: Graph):
         plan = _plan(graph, self.n, self.sparse)
         return {

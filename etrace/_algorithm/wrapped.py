@@ -22,7 +22,7 @@ class AbstractWrappedAlgorithm(AbstractAlgorithm):
     inner algorithm's `init_full`, which keeps every trace that needs (`D_RTRL`'s
     trace of a spike, which it otherwise does not keep). The capabilities
     (`routing`, `full_diagonal`, `learning_signal`, ...) are the inner
-    algorithm's.
+    algorithm's; its exactness rule is not (see `exact_regime`).
 
     **Attributes:**
 
@@ -141,3 +141,11 @@ class AbstractWrappedAlgorithm(AbstractAlgorithm):
 
     def summary_note(self, graph: Graph, path: str) -> str | None:
         return None if self._reads_updated() else self.inner.summary_note(graph, path)
+
+    def exact_regime(self, facts: Any) -> Any:
+        """No rule (`None`): a wrapper is written to change what `inner` computes
+        (its update, read-out or learning signal), so `inner`'s rule does not
+        carry over. A wrapper that keeps `inner`'s gradient declares so with
+        `return self.inner.exact_regime(facts)`."""
+        del facts
+        return None

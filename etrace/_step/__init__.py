@@ -36,6 +36,19 @@ _NEEDS_TARGET = (
 )
 
 
+_NEEDS_MODULATOR = (
+    "{name} takes its learning signal from a modulator (a reward prediction error, "
+    "a neuromodulator) instead of the loss: pass it to the step, "
+    "`learner.step(model, trace_state, x, modulator=m)`, or to "
+    "`etrace.online_grad(..., modulators=ms)`."
+)
+_NO_MODULATOR = (
+    "{name} takes its learning signal from the loss, not from a modulator: leave "
+    "`modulator` out, or use an algorithm whose learning signal is a modulator "
+    "(`etrace.ThreeFactor()`)."
+)
+
+
 def run_step(
     compiled: Compiled,
     algorithm: Any,
@@ -45,17 +58,25 @@ def run_step(
     target: Any = None,
     options: StepOptions = StepOptions(),
     io: ChunkIO = ChunkIO(),
+    modulator: Any = None,
 ) -> StepOut:
     """Evaluates one step of one example; `inputs` are the model's array leaves,
     then the state leaves, then the input leaves."""
+    name = type(algorithm).__name__
+    signal = algorithm.learning_signal
+    if signal == "modulator" and modulator is None and compiled.graph.groups:
+        raise EtraceError(_NEEDS_MODULATOR.format(name=name))
+    if signal != "modulator" and modulator is not None:
+        raise EtraceError(_NO_MODULATOR.format(name=name))
     if algorithm.routing == "joint":
-        return StepOut(
-            *JointStep(compiled, algorithm, inputs, traces, t, options).run()
-        )
-    if algorithm.learning_signal == "target_feedback" and target is None:
-        raise EtraceError(_NEEDS_TARGET.format(name=type(algorithm).__name__))
+        joint = JointStep(compiled, algorithm, inputs, traces, t, options)
+        return StepOut(*joint.run())
+    if signal == "target_feedback" and target is None:
+        raise EtraceError(_NEEDS_TARGET.format(name=name))
     inputs = _checked_masks(compiled, inputs)
-    step = GroupStep(compiled, algorithm, inputs, traces, t, target, options, io)
+    step = GroupStep(
+        compiled, algorithm, inputs, traces, t, target, options, io, modulator
+    )
     return StepOut(*step.run())
 
 

@@ -25,6 +25,7 @@ import jax.tree_util as jtu
 
 from .. import _ir
 from .._analysis import Compiled, Mode
+from .._errors import EtraceError
 from .._graph import Graph, Group
 from .._kernels import turned_product
 from . import chunk
@@ -50,19 +51,22 @@ def _to_weights(units, grads, dtypes) -> list[Any]:
 def read_out_hook(algorithm, sub: Graph, group: Group, dtypes, anchored, summed):
     """The group's gradient hook: the learning signal from the cotangent of its
     new state (plus the feedback signal on its output states where `anchored`),
-    read out by the algorithm from the traces before or after the update."""
+    or the modulator in its place, read out by the algorithm from the traces
+    before or after the update."""
     outputs = list(sub.outputs.get(group.name, ()))
     previous = algorithm.reads_previous(sub)
 
-    def learning_signal(cot, anchor_cot):
+    def learning_signal(cot, anchor_cot, modulator):
+        if modulator is not None:  # the same third factor for each state
+            return {group.name: jnp.stack([modulator] * group.k, axis=-1)}
         signal = jnp.stack([_flat(c) for c in cot], axis=-1)
         if anchor_cot is not None:
             signal = signal.at[:, outputs].add(anchor_cot[:, None])
         return {group.name: signal}
 
     def read_out(traces, jac, cot, anchor_cot):
-        before, after = traces
-        signal = learning_signal(cot, anchor_cot)
+        before, after, modulator = traces
+        signal = learning_signal(cot, anchor_cot, modulator)
         if previous:
             grads = algorithm.gradients_from_previous(sub, before, signal, jac)
         else:
@@ -70,8 +74,8 @@ def read_out_hook(algorithm, sub: Graph, group: Group, dtypes, anchored, summed)
         return _to_weights(sub.units, grads, dtypes)
 
     def batch_read_out(traces, jac, cot, anchor_cot):
-        before, after = traces
-        signal = jax.vmap(learning_signal)(cot, anchor_cot)
+        before, after, modulator = traces
+        signal = jax.vmap(learning_signal)(cot, anchor_cot, modulator)
         if previous:
             grads = algorithm.gradients_from_previous(
                 sub, before, signal, jac, summed=True
@@ -81,6 +85,56 @@ def read_out_hook(algorithm, sub: Graph, group: Group, dtypes, anchored, summed)
         return _to_weights(sub.units, grads, dtypes)
 
     return gradient_hook(summed_over_batch(read_out, batch_read_out, summed), anchored)
+
+
+# Learning signals that replace back-propagation through the weights that read
+# hidden values with a projection delivered to the groups' outputs.
+FEEDBACK = ("error_feedback", "target_feedback")
+
+_MODULATOR_KEYS = (
+    "`modulator` is a dict keyed by hidden group, but {problem} (the groups: "
+    "{groups}). Key the modulators by group name, as `print(learner)` shows them, "
+    "or pass one array for every group."
+)
+_MODULATOR_SHAPE = (
+    "The modulator of hidden group `{group}` has shape {shape}; it takes a scalar "
+    "(the same for every neuron) or one value per neuron, shape {neurons} or "
+    "({n},)."
+)
+
+
+def group_modulators(graph: Graph, modulator: Any) -> dict[str, Any]:
+    """Per group name, the modulator of each of its `N` neurons, `(N,)`: from a
+    scalar for every neuron of every group, an array of a group's neuron shape,
+    or a dict of those keyed by group name."""
+    if isinstance(modulator, dict):
+        names = [g.name for g in graph.groups]
+        unknown = [k for k in modulator if k not in names]
+        missing = [n for n in names if n not in modulator]
+        if unknown or missing:
+            problem = (
+                f"`{unknown[0]}` is not a group of this model"
+                if unknown
+                else f"it has no entry for `{missing[0]}`"
+            )
+            groups = ", ".join(f"`{n}`" for n in names)
+            raise EtraceError(_MODULATOR_KEYS.format(problem=problem, groups=groups))
+        per_group = modulator
+    else:
+        per_group = {g.name: modulator for g in graph.groups}
+    out = {}
+    for g in graph.groups:
+        m = jnp.asarray(per_group[g.name])
+        if m.ndim == 0:
+            m = jnp.broadcast_to(m, (g.n,))
+        elif m.size != g.n or m.shape not in (g.shapes[0], (g.n,)):
+            raise EtraceError(
+                _MODULATOR_SHAPE.format(
+                    group=g.name, shape=tuple(m.shape), neurons=g.shapes[0], n=g.n
+                )
+            )
+        out[g.name] = jnp.reshape(m, (g.n,)).astype(g.dtype)
+    return out
 
 
 class GroupStep:
@@ -97,9 +151,13 @@ class GroupStep:
         target,
         options: StepOptions,
         io: ChunkIO,
+        modulator: Any = None,
     ):
         self.c = compiled
         self.algorithm = algorithm
+        self.modulators = (
+            None if modulator is None else group_modulators(compiled.graph, modulator)
+        )
         self.traces = traces
         self.t = t
         self.target = target
@@ -115,7 +173,7 @@ class GroupStep:
         self.records: dict[str, Any] = {}
         self.anchors: list[Any] = []
         self.anchor_sizes: list[tuple[int, Any]] = []
-        self.feedback = algorithm.learning_signal != "gradient"
+        self.feedback = algorithm.learning_signal in FEEDBACK
         self.H = None
         if algorithm.full_diagonal:
             n_dyn, n_state = compiled.step.n_dyn, len(compiled.step.state_avals)
@@ -274,8 +332,9 @@ class GroupStep:
             algorithm, sub, group, dtypes, anchored, self.options.summed
         )
         # Both the traces before and after the update: the read-out may use either
-        # (`AbstractAlgorithm.reads_previous`).
-        pair = (jtu.tree_map(_sg, mine), updated)
+        # (`AbstractAlgorithm.reads_previous`); and the modulator, if any.
+        modulator = None if self.modulators is None else self.modulators[group.name]
+        pair = (jtu.tree_map(_sg, mine), updated, modulator)
         out = hook(new_vals, weights, pair, jtu.tree_map(_sg, jac))
         if anchored:
             out, anchor = out

@@ -1,21 +1,18 @@
-"""Whether an algorithm should equal BPTT on a model, from its compiled graph."""
+"""Whether an algorithm should equal BPTT on a model, from its compiled graph.
+
+Each algorithm declares where it is exact in its own `exact_regime(facts)`, from the
+building blocks of `RegimeFacts`; `register_exact_regime` adds or replaces a rule for
+a type from outside the class.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from .._algorithm.d_rtrl import D_RTRL
-from .._algorithm.eprop import EProp
-from .._algorithm.es_d_rtrl import ES_D_RTRL
-from .._algorithm.ostl import OSTLFeedforward, OSTLRecurrent
-from .._algorithm.osttp import OSTTP
-from .._algorithm.otpe import OTPE
-from .._algorithm.ottt import OTTT
-from .._algorithm.rtrl import RTRL
-from .._algorithm.snap import _masks, SnAp
 from .._errors import EtraceError
+from .._graph import Graph, Group
 from .._learner import compile as _compile, Learner
 
 
@@ -43,253 +40,170 @@ class Regime:
         return "not exact:\n" + "\n".join(f"  - {r}" for r in self.reasons)
 
 
-def _diagonal_rule(
-    learner: Learner, algorithm: Any, *, full_diagonal: bool = False
-) -> Regime:
-    """D-RTRL is exact for a group whose recurrences are all element-wise (with the
-    full diagonal blocks `H`, also for one-neuron groups with recurrent weights)."""
-    del algorithm
-    c = learner.compiled
-    groups = learner.graph.groups
-    inexact: dict[int, str] = {}
-    for u in learner.graph.units:
-        prev, new = c.connections.x_deps[u.name]
-        for gi, g in enumerate(groups):
-            if prev >> gi & 1 and u.group is g:
-                if full_diagonal and g.n == 1:
-                    continue  # the neuron's block is the whole Jacobian
-                inexact.setdefault(
-                    gi,
-                    f"`{u.site.name}` reads the previous state of `{g.name}`: a "
-                    "recurrent weight, whose paths the diagonal traces drop",
-                )
-            elif (prev >> gi & 1 or new >> gi & 1) and u.group is not g:
-                inexact.setdefault(
-                    gi,
-                    f"`{g.name}` drives the hidden group `{u.group.name}` through "
-                    f"`{u.site.name}`: its learning signal misses that group's memory",
-                )
-            elif new >> gi & 1:
-                inexact.setdefault(
-                    gi,
-                    f"`{u.site.name}` reads the new state of its own group "
-                    f"`{g.name}`: a same-step path through a weight",
-                )
-    reasons = [inexact[g] for g in sorted(inexact)]
-    if c.plan.one_step_reads:
-        reasons.append(
-            "a value from inside the recurrent update is read before it is stored "
-            f"as state ({c.plan.one_step_reads[0]}): that path is one-step"
-        )
-    params = {}
-    for k, path in enumerate(c.layout.paths):
-        role, _ = c.roles[k]
-        if role == "one-step*":
-            params[path] = False
-            reasons.append(
-                f"`{path}` reaches the hidden state only through another weight op "
-                "and is learned one-step"
-            )
-            continue
-        feeds = {
-            groups.index(u.group) for u in learner.graph.units if k in u.site.params
-        }
-        params[path] = not c.plan.one_step_reads and not (feeds & set(inexact))
-    return Regime(all(params.values()), params, tuple(reasons))
-
-
-def _memoryless(learner: Learner, g: int) -> bool:
-    """Whether a group's update never reads its previous state."""
-    c = learner.compiled
-    prev = {c.state_vars[j] for j in learner.graph.groups[g].leaves}
-    program = c.program
-    reads = any(a in prev for i in c.regions.group_tail[g] for a in program.eqns[i].ins)
-    passthrough = any(s in prev for s in c.regions.sinks[g])
-    return not reads and not passthrough
-
-
-def _smoothed_rule(learner: Learner, algorithm: Any) -> Regime:
-    """ES-D-RTRL is exact where D-RTRL is and, in addition, nothing has memory."""
-    base = _diagonal_rule(learner, algorithm)
-    decay = getattr(algorithm, "decay", 0.0)
-    groups = learner.graph.groups
-    remembering = [g.name for i, g in enumerate(groups) if not _memoryless(learner, i)]
-    if decay == 0.0 and not remembering:
-        return base
-    reasons = list(base.reasons)
-    if remembering:
-        reasons.append(
-            f"the hidden group(s) {remembering} have memory: the factorised input "
-            "and output traces each carry history, so their product is not the "
-            "D-RTRL trace"
-        )
-    else:
-        reasons.append(
-            f"decay {decay} > 0 on memoryless layers smooths the gradient over time"
-        )
-    traced = {
-        learner.compiled.layout.paths[k]
-        for u in learner.graph.units
-        for k in u.site.params
-    }
-    params = {p: ok and p not in traced for p, ok in base.params.items()}
-    return Regime(False, params, tuple(reasons))
-
-
-def _full_rule(learner: Learner, algorithm: Any) -> Regime:
-    """RTRL is exact unless a value is read from inside an update (one-step)."""
-    del algorithm
-    c = learner.compiled
-    if not c.plan.one_step_reads:
-        return Regime(True, {p: True for p in c.layout.paths}, ())
-    reason = (
+def _one_step_reason(read: str) -> str:
+    return (
         "a value from inside the recurrent update is read before it is stored as "
-        f"state ({c.plan.one_step_reads[0]}): that path is one-step"
-    )
-    return Regime(False, {p: False for p in c.layout.paths}, (reason,))
-
-
-def _sparse_rule(learner: Learner, algorithm: Any) -> Regime:
-    """SnAp-n is RTRL once its mask covers everything reachable."""
-    base = _full_rule(learner, algorithm)
-    graph = learner.graph
-    full = _masks(graph, graph.hidden_size + 1)
-    mine = _masks(graph, algorithm.n)
-    cut = [p for p in full if (full[p] != mine[p]).any()]
-    if not cut:
-        return base
-    reason = (
-        f"SnAp({algorithm.n}) drops sensitivities that the unit graph reaches in more "
-        f"than {algorithm.n - 1} step(s), for {cut}"
-    )
-    params = {p: ok and p not in cut for p, ok in base.params.items()}
-    return Regime(False, params, base.reasons + (reason,))
-
-
-def _restrict(base: Regime, learner: Learner, groups: Any, reason: str) -> Regime:
-    """`base`, with the parameters traced into `groups` made inexact for `reason`."""
-    if not groups:
-        return base
-    names = {g.name for g in groups}
-    paths = learner.compiled.layout.paths
-    hit = {
-        paths[k]
-        for u in learner.graph.units
-        if u.group.name in names
-        for k in u.site.params
-    }
-    params = {p: ok and p not in hit for p, ok in base.params.items()}
-    return Regime(False, params, base.reasons + (reason,))
-
-
-def _downstream_groups(learner: Learner) -> list[Any]:
-    graph = learner.graph
-    return [g for g in graph.groups if graph.downstream.get(g.name)]
-
-
-def _signal_groups(learner: Learner) -> list[Any]:
-    graph = learner.graph
-    return [g for g in graph.groups if graph.outputs.get(g.name)]
-
-
-def _eprop_rule(learner: Learner, algorithm: Any) -> Regime:
-    """e-prop: D-RTRL's verdict, unless a filter or random feedback is involved."""
-    base = _diagonal_rule(learner, algorithm)
-    if algorithm.kappa is not None:
-        base = _restrict(
-            base,
-            learner,
-            _downstream_groups(learner),
-            f"the kappa filter ({algorithm.kappa.kappa}) is exact only if it equals "
-            "the leak of the downstream layer that integrates the filtered group "
-            "(a leaky readout `y = kappa y + W z`); that is not checked here",
-        )
-    if algorithm.feedback is not None:
-        base = _restrict(
-            base,
-            learner,
-            _signal_groups(learner),
-            "random feedback replaces the readout's transpose: the learning signal "
-            "is not the gradient",
-        )
-    return base
-
-
-def _ostl_rule(learner: Learner, algorithm: Any) -> Regime:
-    return _diagonal_rule(
-        learner, algorithm, full_diagonal=isinstance(algorithm, OSTLRecurrent)
+        f"state ({read}): that path is one-step"
     )
 
 
-def _ottt_rule(learner: Learner, algorithm: Any) -> Regime:
-    base = _diagonal_rule(learner, algorithm)
-    groups = [
-        g for i, g in enumerate(learner.graph.groups) if not _memoryless(learner, i)
-    ]
-    return _restrict(
-        base,
-        learner,
-        groups,
-        "OTTT's presynaptic trace is the eligibility only where the neurons' "
-        "diagonal Jacobian is the constant `decay` (a LIF layer with detached reset "
-        "and that leak); that is not checked here",
-    )
+class RegimeFacts:
+    """What the compiled graph of one model says about exactness: the building
+    blocks of every algorithm's `exact_regime(facts)`.
+
+    An algorithm states its rule by combining these: a base verdict (`diagonal`,
+    `full`), then `restrict` or `inexact` for what its own approximation drops,
+    with the groups it concerns (`with_memory`, `downstream`, `receiving_signal`).
+
+    **Attributes:**
+
+    - `learner`: the compiled `Learner`, for rules the building blocks do not cover.
+    - `graph`: its analysed `Graph`.
+    - `paths`: every parameter path, in the model's order.
+    - `one_step_read`: the first value read from inside the recurrent update before
+        it is stored as state (a one-step path), or `None`.
+    """
+
+    def __init__(self, learner: Learner):
+        self.learner = learner
+        self.graph: Graph = learner.graph
+        self.paths: tuple[str, ...] = tuple(learner.compiled.layout.paths)
+        reads = learner.compiled.plan.one_step_reads
+        self.one_step_read: str | None = reads[0] if reads else None
+
+    # -- base verdicts ---------------------------------------------------------------
+
+    def full(self) -> Regime:
+        """RTRL's verdict: exact unless a value is read from inside an update
+        (one-step)."""
+        if self.one_step_read is None:
+            return Regime(True, {p: True for p in self.paths}, ())
+        reason = _one_step_reason(self.one_step_read)
+        return Regime(False, {p: False for p in self.paths}, (reason,))
+
+    def diagonal(self, *, full_diagonal: bool = False) -> Regime:
+        """D-RTRL's verdict: exact for a group whose recurrences are all
+        element-wise; with `full_diagonal` (the neurons' full diagonal blocks `H`),
+        also for one-neuron groups with recurrent weights."""
+        groups = self.graph.groups
+        inexact = self._diagonal_losses(full_diagonal)
+        reasons = [inexact[g] for g in sorted(inexact)]
+        if self.one_step_read is not None:
+            reasons.append(_one_step_reason(self.one_step_read))
+        roles = self.learner.compiled.roles
+        params = {}
+        for k, path in enumerate(self.paths):
+            if roles[k][0] == "one-step*":
+                params[path] = False
+                reasons.append(
+                    f"`{path}` reaches the hidden state only through another weight "
+                    "op and is learned one-step"
+                )
+                continue
+            feeds = {
+                groups.index(u.group) for u in self.graph.units if k in u.site.params
+            }
+            params[path] = self.one_step_read is None and not (feeds & set(inexact))
+        return Regime(all(params.values()), params, tuple(reasons))
+
+    def _diagonal_losses(self, full_diagonal: bool) -> dict[int, str]:
+        """Per group index, the first path the diagonal traces drop, in words."""
+        x_deps = self.learner.compiled.connections.x_deps
+        inexact: dict[int, str] = {}
+        for u in self.graph.units:
+            prev, new = x_deps[u.name]
+            for gi, g in enumerate(self.graph.groups):
+                if prev >> gi & 1 and u.group is g:
+                    if full_diagonal and g.n == 1:
+                        continue  # the neuron's block is the whole Jacobian
+                    inexact.setdefault(
+                        gi,
+                        f"`{u.site.name}` reads the previous state of `{g.name}`: a "
+                        "recurrent weight, whose paths the diagonal traces drop",
+                    )
+                elif (prev >> gi & 1 or new >> gi & 1) and u.group is not g:
+                    inexact.setdefault(
+                        gi,
+                        f"`{g.name}` drives the hidden group `{u.group.name}` through "
+                        f"`{u.site.name}`: its learning signal misses that group's "
+                        "memory",
+                    )
+                elif new >> gi & 1:
+                    inexact.setdefault(
+                        gi,
+                        f"`{u.site.name}` reads the new state of its own group "
+                        f"`{g.name}`: a same-step path through a weight",
+                    )
+        return inexact
+
+    # -- groups ----------------------------------------------------------------------
+
+    def memoryless(self, group: Group) -> bool:
+        """Whether `group`'s update never reads its previous state."""
+        return self._memoryless(self.graph.groups.index(group))
+
+    def _memoryless(self, g: int) -> bool:
+        c = self.learner.compiled
+        prev = {c.state_vars[j] for j in self.graph.groups[g].leaves}
+        eqns = c.program.eqns
+        reads = any(a in prev for i in c.regions.group_tail[g] for a in eqns[i].ins)
+        passthrough = any(s in prev for s in c.regions.sinks[g])
+        return not reads and not passthrough
+
+    def with_memory(self) -> list[Group]:
+        """The hidden groups whose update reads their previous state."""
+        groups = self.graph.groups
+        return [g for i, g in enumerate(groups) if not self._memoryless(i)]
+
+    def downstream(self) -> list[Group]:
+        """The hidden groups that feed another hidden group."""
+        return [g for g in self.graph.groups if self.graph.downstream.get(g.name)]
+
+    def receiving_signal(self) -> list[Group]:
+        """The hidden groups whose output a weight reads: those that receive a
+        feedback signal (random feedback, a target projection)."""
+        return [g for g in self.graph.groups if self.graph.outputs.get(g.name)]
+
+    def traced_paths(self, groups: Iterable[Group] | None = None) -> set[str]:
+        """The paths of the parameters traced into `groups` (default: any group)."""
+        names = None if groups is None else {g.name for g in groups}
+        return {
+            self.paths[k]
+            for u in self.graph.units
+            if names is None or u.group.name in names
+            for k in u.site.params
+        }
+
+    # -- refinements -----------------------------------------------------------------
+
+    def inexact(self, regime: Regime, reason: str, paths: Iterable[str]) -> Regime:
+        """`regime`, not exact for `reason`, with the parameters at `paths` made
+        inexact."""
+        paths = set(paths)
+        params = {p: ok and p not in paths for p, ok in regime.params.items()}
+        return Regime(False, params, regime.reasons + (reason,))
+
+    def restrict(self, regime: Regime, groups: Iterable[Group], reason: str) -> Regime:
+        """`regime`, with the parameters traced into `groups` made inexact for
+        `reason`; unchanged where `groups` is empty."""
+        groups = list(groups)
+        if not groups:
+            return regime
+        return self.inexact(regime, reason, self.traced_paths(groups))
 
 
-def _otpe_rule(learner: Learner, algorithm: Any) -> Regime:
-    base = _diagonal_rule(learner, algorithm)
-    base = _restrict(
-        base,
-        learner,
-        _downstream_groups(learner),
-        "the postsynaptic estimate is exact only if `decay` equals the leak of the "
-        "downstream layer and that layer is a leaky integrator; not checked here",
-    )
-    if algorithm.approx:
-        groups = [
-            g for i, g in enumerate(learner.graph.groups) if not _memoryless(learner, i)
-        ]
-        base = _restrict(
-            base,
-            learner,
-            groups,
-            "F-OTPE factorises the trace: exact only where D = decay and Df is "
-            "constant over time",
-        )
-    return base
-
-
-def _osttp_rule(learner: Learner, algorithm: Any) -> Regime:
-    base = _diagonal_rule(
-        learner, algorithm, full_diagonal=getattr(algorithm, "recurrent", False)
-    )
-    return _restrict(
-        base,
-        learner,
-        _signal_groups(learner),
-        "OSTTP's learning signal is a random projection of the target, not the "
-        "gradient",
-    )
-
-
-_RULES: dict[type, Callable[[Learner, Any], Regime]] = {
-    RTRL: _full_rule,
-    SnAp: _sparse_rule,
-    D_RTRL: _diagonal_rule,
-    ES_D_RTRL: _smoothed_rule,
-    EProp: _eprop_rule,
-    OSTLFeedforward: _ostl_rule,
-    OSTLRecurrent: _ostl_rule,
-    OTTT: _ottt_rule,
-    OTPE: _otpe_rule,
-    OSTTP: _osttp_rule,
-}
+_RULES: dict[type, Callable[[Learner, Any], Regime]] = {}
 
 
 def register_exact_regime(
     algorithm_type: type, rule: Callable[[Learner, Any], Regime]
 ) -> None:
     """Registers the exactness rule of an algorithm type (for custom algorithms).
+
+    An algorithm class of your own may instead declare its rule in its
+    `exact_regime(facts)` method (see `etrace.AbstractAlgorithm.exact_regime`); a
+    registered rule takes precedence over that method, for `algorithm_type` and
+    its subclasses that have no rule registered of their own.
 
     **Arguments:**
 
@@ -312,7 +226,10 @@ def exact_regime(
 
     The verdict comes from the compiled graph: which hidden groups exist, which weight
     ops read previous or new hidden states (recurrent weights, stacked temporal
-    layers), and which parameters are learned one-step.
+    layers), and which parameters are learned one-step. The rule is the one
+    registered with `register_exact_regime` for the algorithm's type (or the
+    nearest of its base classes), else the algorithm's own
+    `exact_regime(facts)` method.
 
     **Arguments:**
 
@@ -337,6 +254,9 @@ def exact_regime(
     for kind in type(algorithm).__mro__:
         if kind in _RULES:
             return _RULES[kind](learner, algorithm)
+    regime = algorithm.exact_regime(RegimeFacts(learner))
+    if regime is not None:
+        return regime
     return Regime(
         False,
         {p: False for p in learner.compiled.layout.paths},

@@ -14,17 +14,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 
-from .._algorithm.d_rtrl import D_RTRL
-from .._algorithm.eprop import EProp
-from .._algorithm.es_d_rtrl import ES_D_RTRL
-from .._algorithm.helpers import FixedRandomFeedback
-from .._algorithm.ostl import OSTLFeedforward, OSTLRecurrent
-from .._algorithm.osttp import OSTTP
-from .._algorithm.otpe import OTPE
-from .._algorithm.ottt import OTTT
-from .._algorithm.rtrl import RTRL
-from .._algorithm.snap import SnAp
-from .._algorithm.uoro import UORO
+from .._algorithm import registry
 from ._families import build, FAMILIES
 
 
@@ -172,34 +162,16 @@ def algorithms(*, dense: bool = True) -> Any:
 
     **Arguments:**
 
-    - `dense`: include the whole-state algorithms (`RTRL`, `SnAp`, `UORO`), whose
-        cost grows with the square of the hidden size; leave them out for large models.
+    - `dense`: include the whole-state algorithms (`RTRL`, `SnAp`, `UORO`,
+        `OSTLRecurrent`, and `OSTTP` with `recurrent=True`), whose cost grows with
+        the square of the hidden size; leave them out for large models.
     """
+    return _algorithms(registry.ALGORITHMS, dense=dense)
+
+
+def _algorithms(entries: Sequence[registry.Entry], *, dense: bool) -> Any:
+    """`algorithms` over the registry `entries`."""
     st = _st()
-    options = [
-        st.just(D_RTRL()),
-        st.builds(
-            ES_D_RTRL,
-            decay=st.floats(0.0, 0.95),
-            bias_correction=st.booleans(),
-        ),
-        st.builds(
-            EProp,
-            feedback=st.sampled_from(["symmetric", "random"]),
-            kappa=st.none() | st.floats(0.0, 0.95),
-        ),
-        st.just(OSTLFeedforward()),
-        st.builds(OTTT, decay=st.floats(0.0, 0.95), mode=st.sampled_from("AO")),
-        st.builds(OTPE, decay=st.floats(0.0, 0.95), approx=st.booleans()),
-        st.builds(
-            OSTTP, feedback=st.builds(FixedRandomFeedback, seed=st.integers(0, 99))
-        ),
-    ]
-    if dense:
-        options += [
-            st.just(OSTLRecurrent()),
-            st.just(RTRL()),
-            st.builds(SnAp, n=st.integers(1, 4), sparse=st.none() | st.booleans()),
-            st.builds(UORO, seed=st.integers(0, 2**16)),
-        ]
-    return st.one_of(*options)
+    return st.one_of(
+        *[e.strategy(st, dense=dense) for e in entries if dense or not e.dense]
+    )
