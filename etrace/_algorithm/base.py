@@ -31,10 +31,11 @@ CAPABILITIES: dict[str, Any] = {
 }
 LEARNING_SIGNALS = ("gradient", "error_feedback", "target_feedback", "modulator")
 
-_UNKNOWN_CAPABILITY = """\
-`{cls}.{name}` is not a capability of an etrace algorithm{close}. The capabilities
-are {known}. A hyper-parameter is a field: annotate it (`{name}: float = ...`); a
-private helper starts with an underscore."""
+_UNKNOWN_CAPABILITY = (
+    "`{cls}.{name}` is not a capability of an etrace algorithm{close}. The "
+    "capabilities are {known}. A hyper-parameter is a field: annotate it "
+    "(`{name}: float = ...`); a private helper starts with an underscore."
+)
 
 
 def _is_field(cls: type, name: str, annotations: dict[str, Any]) -> bool:
