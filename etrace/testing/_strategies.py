@@ -157,7 +157,7 @@ def sequences(
     )
 
 
-def algorithms(*, dense: bool = True) -> Any:
+def algorithms(*, dense: bool = True, modulated: bool = False) -> Any:
     """A strategy of the algorithms etrace ships, with drawn hyper-parameters.
 
     **Arguments:**
@@ -165,13 +165,23 @@ def algorithms(*, dense: bool = True) -> Any:
     - `dense`: include the whole-state algorithms (`RTRL`, `SnAp`, `UORO`,
         `OSTLRecurrent`, and `OSTTP` with `recurrent=True`), whose cost grows with
         the square of the hidden size; leave them out for large models.
+    - `modulated`: include the algorithms that learn from a modulator instead of
+        the loss (`ThreeFactor`); a test drawing them passes `modulators=` to
+        `etrace.online_grad` or `modulator=` to `learner.step`.
     """
-    return _algorithms(registry.ALGORITHMS, dense=dense)
+    return _algorithms(registry.ALGORITHMS, dense=dense, modulated=modulated)
 
 
-def _algorithms(entries: Sequence[registry.Entry], *, dense: bool) -> Any:
+def _algorithms(
+    entries: Sequence[registry.Entry], *, dense: bool, modulated: bool = False
+) -> Any:
     """`algorithms` over the registry `entries`."""
     st = _st()
     return st.one_of(
-        *[e.strategy(st, dense=dense) for e in entries if dense or not e.dense]
+        *[
+            e.strategy(st, dense=dense)
+            for e in entries
+            if (dense or not e.dense)
+            and (modulated or e.cls.learning_signal != "modulator")
+        ]
     )

@@ -139,8 +139,13 @@ def _finds(strategy, cls) -> bool:
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
 def test_strategies_draw_every_entry(entry):
-    assert _finds(et.algorithms(), entry.cls)
-    assert _finds(et.algorithms(dense=False), entry.cls) == (not entry.dense)
+    modulated = entry.cls.learning_signal == "modulator"
+    assert _finds(et.algorithms(modulated=True), entry.cls)
+    assert _finds(et.algorithms(dense=False, modulated=True), entry.cls) == (
+        not entry.dense
+    )
+    # A loss-driven test draws only what learns from the loss.
+    assert _finds(et.algorithms(), entry.cls) == (not modulated)
 
 
 def test_strategies_miss_an_entry_left_out():
