@@ -2,7 +2,8 @@
 
 Every kernel there computes exactly what a plain form computes, written the way XLA
 on CPU runs faster when it was measured. Here the training step of `training.py`
-(`etrace.online_grad` and an Adam update; same models, sizes and data) is compiled
+(`etrace.online_grad`, or with `--per-step` a scan over the batched
+`learner.step`, and an Adam update; same models, sizes and data) is compiled
 once with every kernel and once per kernel with that kernel replaced by its plain
 form, and the compiled steps are called in turn, in one process: `--rounds` rounds
 of `--calls` calls of each. A ratio above 1 (plain / kernel) is what the kernel
@@ -16,7 +17,7 @@ The plain forms:
 * `sum_states`: `jnp.sum(a, axis=-1)`;
 * `outer_product_sum`: an outer product per example, then `jnp.sum` over the batch;
 * `tile`: a broadcast (never copies side by side);
-* `turned_product`: the product as written (no weight turned outside the loop);
+* `turned_product`: the product as written (no weight turned);
 * `turns`: no trace stored turned;
 * `turned_sum`: no running sum kept turned.
 
@@ -103,9 +104,11 @@ def plain(name: str | None) -> Iterator[None]:
             setattr(module, attribute, original)
 
 
-def compiled(config: Config, name: str, kernel: str | None) -> Callable[[], Any]:
+def compiled(
+    config: Config, name: str, kernel: str | None, per_step: bool = False
+) -> Callable[[], Any]:
     """One call of the compiled training step, the kernel `kernel` plain."""
-    step, args = training.step_function(config, name)
+    step, args = training.step_function(config, name, per_step)
     with plain(kernel):
         program = jax.jit(step).lower(*args).compile()
     carry = list(args[:2])
@@ -125,11 +128,12 @@ def measure(
     kernels: Sequence[str],
     rounds: int,
     calls: int,
+    per_step: bool = False,
 ) -> list[dict[str, Any]]:
     rows = []
     for name in names:
-        runs = {None: compiled(config, name, None)}
-        runs.update({k: compiled(config, name, k) for k in kernels})
+        runs = {None: compiled(config, name, None, per_step)}
+        runs.update({k: compiled(config, name, k, per_step) for k in kernels})
         times: dict[str | None, list[float]] = {k: [] for k in runs}
         for _ in range(rounds):
             for k, run in runs.items():
@@ -142,6 +146,7 @@ def measure(
                     config,
                     name,
                     kernel=k,
+                    path="batched step" if per_step else "online_grad",
                     seconds=base,
                     plain_seconds=statistics.median(times[k]),
                     ratio=ratio,
@@ -162,6 +167,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--kernels", nargs="+", choices=sorted(PLAIN), default=sorted(PLAIN)
     )
+    parser.add_argument(
+        "--per-step",
+        action="store_true",
+        help="time the scan over the batched learner.step (training.per_step_training)"
+        " instead of online_grad",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=2)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="JSON path")
@@ -171,7 +182,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = [
         r
         for c in selected(args)
-        for r in measure(c, args.algorithms, args.kernels, args.rounds, args.calls)
+        for r in measure(
+            c, args.algorithms, args.kernels, args.rounds, args.calls, args.per_step
+        )
     ]
     head = ("model", "algorithm", "H", "T", "kernel", "step", "plain / kernel")
     body = [
