@@ -57,10 +57,10 @@ def worker() -> None:
 class Worker:
     """A worker process importing etrace from `tree`."""
 
-    def __init__(self, tree: pathlib.Path):
+    def __init__(self, tree: pathlib.Path, cpu_clock: bool):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(HERE)]))
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--worker"],
+            [sys.executable, __file__, "--worker"] + ["--cpu-clock"] * cpu_clock,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -83,15 +83,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--before", type=pathlib.Path)
     parser.add_argument("--after", type=pathlib.Path, default=HERE.parent)
     parser.add_argument("--methods", nargs="+", default=["D-RTRL", "ES-D-RTRL"])
+    parser.add_argument(
+        "--cpu-clock", action="store_true", help="time by the processes' CPU time"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--count", type=int, default=3, help="calls per round")
     args = parser.parse_args(argv)
+    if args.cpu_clock:
+        configs.use_cpu_clock()
     if args.worker:
         worker()
         return []
     if args.before is None:
         parser.error("--before is required")
-    workers = {"before": Worker(args.before), "after": Worker(args.after)}
+    workers = {
+        "before": Worker(args.before, args.cpu_clock),
+        "after": Worker(args.after, args.cpu_clock),
+    }
     keys = [
         (f"{f}-{h}-{t}-{m}", f, h, t, m) for f, h, t in DEFAULT for m in args.methods
     ]
@@ -129,7 +137,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ]
     print(configs.format_table(head, body))
     RESULTS.parent.mkdir(exist_ok=True)
-    record = {"before": str(args.before), "after": str(args.after), "rows": rows}
+    record = {
+        "before": str(args.before),
+        "after": str(args.after),
+        "clock": "cpu" if args.cpu_clock else "wall",
+        "rows": rows,
+    }
     RESULTS.write_text(json.dumps(record, indent=1))
     return rows
 
