@@ -275,8 +275,7 @@ def _online_grad(
     mask = _default_mask(xs, targets, mask)
     batched = jnp.ndim(trace_state.t) == 1
     size = int(jnp.shape(trace_state.t)[0]) if batched else 1
-    # The weights are fixed over the sequence.
-    options = StepOptions(fixed_weights=True)
+    options = StepOptions()
     zeros = _zeros_like_grads(model)
     turned = _turned_sums(learner, zeros)
     init = (trace_state, jtu.tree_map(_turn, zeros, turned))

@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         )
     wall = time.perf_counter() - wall
 
-    head = ("method", "eval loss", "recall acc.", "s/step", "compile s")
+    head = ("method", "eval loss", "recall acc.", "s/step", "first call s")
     rows = [
         (
             LABELS[n],

@@ -434,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         "test loss",
         "train loss",
         "s/step",
-        "compile s",
+        "first call s",
         "rate",
         "memory/example",
     )

@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         )
     wall = time.perf_counter() - wall
 
-    head = ("method", "test acc.", "train loss", "s/step", "compile s", "rate")
+    head = ("method", "test acc.", "train loss", "s/step", "first call s", "rate")
     rows = [
         (
             LABELS[n],

@@ -220,8 +220,7 @@ class GroupStep:
         eqn = self.c.program.eqns[site.eqn]
         bind = _ir.bind_weight_first if site.w_pos == 0 else _ir.bind
         operands = self.cut_operands(site.eqn, stop)
-        fixed = stop and self.options.fixed_weights and v not in self.read_live_sites
-        if fixed:  # the weight is cut from the gradient here: its value only
+        if stop and v not in self.read_live_sites:  # the weight's value only
             cache[v] = turned_product(bind, eqn, operands, site.w_pos)
         else:
             cache[v] = bind(eqn, *operands)[0]

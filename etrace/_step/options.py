@@ -24,14 +24,10 @@ class StepOptions:
     - `summed`: the step runs under the batch `vmap` of a batched step, with the
         parameters shared by every example: the read-out forms the parameters'
         gradient summed over the batch itself (`AbstractAlgorithm.summed_gradients`).
-    - `fixed_weights`: the step is one of a loop over steps of one model
-        (`online_grad`'s scan): a weight product cut from the gradient may use the
-        weight turned once, outside the loop (`_kernels.turned_product`).
     - `chunk`: the step's part in a chunk, or `None`.
     """
 
     summed: bool = False
-    fixed_weights: bool = False
     chunk: Chunk | None = None
 
 
