@@ -16,7 +16,7 @@ import etrace
 import etrace.nn as enn
 import etrace.testing as et
 
-from .helpers import leaf_errors, mse
+from ..helpers import leaf_errors, mse
 
 
 TAU = 5.0

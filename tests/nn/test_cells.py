@@ -18,10 +18,10 @@ import etrace
 import etrace.nn as enn
 import etrace.testing as et
 
-from .helpers import mse
+from ..helpers import mse
 
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # -- surrogate spike functions -----------------------------------------------------
 
@@ -454,7 +454,7 @@ def test_online_grad_orders_the_update_after_a_read_out_of_previous_traces(
     # the traces stay those of the loop where the loss is not finite.
     from etrace import _learner
 
-    from .helpers import per_step_grads, tree_allclose
+    from ..helpers import per_step_grads, tree_allclose
 
     ordered = []
 

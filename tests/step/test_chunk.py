@@ -13,8 +13,8 @@ import pytest
 import etrace
 import etrace.testing as et
 
-from .helpers import build, data, firing_rate, mse, rel_err
-from .test_operators import (
+from ..helpers import build, data, firing_rate, mse, rel_err
+from ..analysis.test_operators import (
     _conv_problem,
     ConvLIF,
     LeakyConv2d,

@@ -12,7 +12,7 @@ import pytest
 import etrace
 import etrace.testing as et
 
-from .helpers import data, leaf_errors, mse
+from ..helpers import data, leaf_errors, mse
 
 
 def _flat(tree, batch=None):

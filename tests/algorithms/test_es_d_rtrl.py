@@ -12,7 +12,7 @@ from hypothesis import given, settings
 import etrace
 import etrace.testing as et
 
-from .helpers import data, f64, leaf_errors, Leaky, mse
+from ..helpers import data, f64, leaf_errors, Leaky, mse
 
 
 class Memoryless(eqx.Module):

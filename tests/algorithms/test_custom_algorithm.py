@@ -8,8 +8,8 @@ import pytest
 import etrace
 import etrace.testing as et
 
-from .helpers import data, leaf_errors, mse
-from .test_examples import _load
+from ..helpers import data, leaf_errors, mse
+from ..test_examples import _load
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from hypothesis import assume
 import etrace
 import etrace.testing as et
 
-from .helpers import data, f64, LIF, mse, spike, sweep
+from ..helpers import data, f64, LIF, mse, spike, sweep
 
 
 class TwoLayerTanh(eqx.Module):
@@ -119,7 +119,7 @@ def test_rtrl_history_matters(family):
 
 
 def test_rtrl_is_exact_for_an_encoder_that_d_rtrl_learns_one_step():
-    from .test_api import Encoded
+    from ..test_api import Encoded
 
     model = f64(Encoded(jr.key(3)))
     xs, ys = data(3, 6, 3, 2)

@@ -10,7 +10,7 @@ import etrace
 import etrace.testing as et
 from etrace._algorithm.snap import _masks
 
-from .helpers import data, f64, leaf_errors, mse
+from ..helpers import data, f64, leaf_errors, mse
 
 
 N = 5

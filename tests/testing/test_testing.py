@@ -12,7 +12,7 @@ from hypothesis import given, settings
 import etrace
 import etrace.testing as et
 
-from .helpers import data, mse
+from ..helpers import data, mse
 
 
 def _setup(family, hidden=4, length=6, seed=0, scale=1.5):

@@ -12,7 +12,7 @@ import pytest
 import etrace
 import etrace.testing as et
 
-from .helpers import mse, rel_err
+from ..helpers import mse, rel_err
 
 
 def _live(model, state, xs):

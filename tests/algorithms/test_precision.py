@@ -9,7 +9,7 @@ import pytest
 import etrace
 import etrace.testing as et
 
-from .helpers import ALGORITHMS, all_eqns, data, leaf_errors, modulators, mse
+from ..helpers import ALGORITHMS, all_eqns, data, leaf_errors, modulators, mse
 
 
 INNER = {
