@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import etrace
@@ -112,6 +112,16 @@ def place(learner, optimiser, model, trace_state, xs, ys, mesh: Mesh):
     placed parameters, so its moments are split like them."""
     model = etrace.shard_params(model, learner, mesh, neuron_axis="model")
     opt_state = optimiser.init(eqx.filter(model, eqx.is_array))
+    # What is not shaped like a parameter (adam's step count) is replicated.
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = jax.tree.map(
+        lambda a: (
+            a
+            if isinstance(a.sharding, NamedSharding)
+            else jax.device_put(a, replicated)
+        ),
+        opt_state,
+    )
     trace_state = etrace.shard_traces(
         trace_state, learner, mesh, neuron_axis="model", batch_axis="data"
     )

@@ -320,6 +320,39 @@ def errors():
     return out
 
 
+def cuda_export():
+    """The sharded training step exported for CUDA (lowering needs no GPU): the
+    module keeps the split of the traces, and none of the rewrites made for XLA on
+    the CPU only (which pass through `optimization_barrier`)."""
+    from jax import export
+
+    model, state = model_of("lif")
+    learner, _ = etrace.compile(model, jnp.zeros(N_IN), state=state)
+    xs, ys = data("lif")
+    optimiser = optax.adam(1e-2)
+    step = train_step(learner, optimiser)
+    mesh = model_parallel.mesh_of((2, 2))
+    smodel, *rest = model_parallel.place(
+        learner, optimiser, model, learner.init(batch_size=BATCH), xs, ys, mesh
+    )
+    dynamic, static = eqx.partition(smodel, eqx.is_array)
+    args = (dynamic, *rest)
+    shardings = jax.tree.map(lambda a: a.sharding, args)
+    placed = jax.jit(
+        lambda *args: step(args[0], static, *args[1:]), in_shardings=shardings
+    )
+    out = {}
+    for platform in ("cuda", "cpu"):
+        exported = export.export(placed, platforms=[platform])(*args)
+        text = exported.mlir_module()
+        out[platform] = {
+            "devices": exported.nr_devices,
+            "trace_split": '[{"data"}, {}, {"model"}, {}, {}]' in text,
+            "barriers": text.count("stablehlo.optimization_barrier"),
+        }
+    return out
+
+
 def main():
     report = {"devices": jax.device_count()}
     report["gru_d_rtrl"] = run_case("gru", etrace.D_RTRL())
@@ -327,6 +360,7 @@ def main():
     report["lif_es_d_rtrl"] = run_case("lif", etrace.ES_D_RTRL(decay=0.6))
     report["unbatched_error"], report["unbatched_quarter"] = unbatched_error()
     report["errors"] = errors()
+    report["export"] = cuda_export()
     print(json.dumps(report))
 
 

@@ -80,6 +80,15 @@ def test_the_collective_check_sees_a_gathered_trace(report, case):
     assert found and all("all-gather" in line for line in found)
 
 
+def test_sharded_step_lowers_for_a_gpu(report):
+    # Exported for CUDA on the 2x2 mesh (lowering needs no GPU): four devices,
+    # the batched traces split over `data` and along neurons over `model`, and no
+    # CPU-only rewrite. Control: exported for the CPU, the step has them.
+    cuda, cpu = report["export"]["cuda"], report["export"]["cpu"]
+    assert cuda["devices"] == 4 and cuda["trace_split"]
+    assert cuda["barriers"] == 0 and cpu["barriers"] > 0
+
+
 @pytest.mark.parametrize(
     "case, match",
     [
