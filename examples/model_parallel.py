@@ -14,41 +14,43 @@ The script prints the compiled memory per device (arguments plus temporaries, fr
 (one device), `1x4` (neurons over four devices), `4x1` (batch over four devices)
 and `2x2`, then trains on the `2x2` mesh and plots the loss.
 
-Without several accelerators it runs on four virtual CPU devices (set before JAX
-starts):
+Without several accelerators it runs on four virtual CPU devices: run as a script,
+it sets `XLA_FLAGS=--xla_force_host_platform_device_count=4` before it imports JAX,
+unless `XLA_FLAGS` already chooses a count. With fewer than four devices (imported
+by a program that gives JAX one) it reports the meshes that fit and trains on one.
 
 ```
-XLA_FLAGS=--xla_force_host_platform_device_count=4 python examples/model_parallel.py
+python examples/model_parallel.py --steps 100 --plot model_parallel.png
 ```
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
-import time
-from collections.abc import Sequence
-from typing import Any
-
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-import jax.random as jr
-import numpy as np
-import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-from tqdm import tqdm
-
-import etrace
-import etrace.nn as enn
 
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # Refused (RuntimeError) once JAX has run something: the devices are then the
-    # ones the importing program set up.
-    with contextlib.suppress(RuntimeError):
-        jax.config.update("jax_num_cpu_devices", 4)
+# Run as a script: four virtual CPU devices unless `XLA_FLAGS` chooses a count,
+# set before JAX is imported (JAX reads it when it starts).
+if __name__ == "__main__" and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4"
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jax.random as jr  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import etrace  # noqa: E402
+import etrace.nn as enn  # noqa: E402
 
 
 MESHES = ((1, 1), (1, 4), (4, 1), (2, 2))
@@ -197,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, state = build(args.inputs, args.hidden, n_out, jr.key(0))
     learner, _ = etrace.compile(model, jnp.zeros(args.inputs), state=state)
     optimiser = optax.adam(args.lr)
-    mesh = mesh_of((2, 2))
+    shape = (2, 2) if jax.device_count() >= 4 else (1, 1)
+    mesh = mesh_of(shape)
     xs, ys = make_batch(jr.key(1), args.length, args.batch, args.inputs, n_out)
     model, opt_state, trace_state, _, _ = place(
         learner, optimiser, model, learner.init(batch_size=args.batch), xs, ys, mesh
@@ -206,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     losses, rates = [], []
     start = time.perf_counter()
-    for step in tqdm(range(args.steps), desc="training (2x2 mesh)"):
+    where = f"{shape[0]}x{shape[1]}"
+    for step in tqdm(range(args.steps), desc=f"training ({where} mesh)"):
         xs, ys = make_batch(jr.key(100 + step), args.length, args.batch, args.inputs, 2)
         xs, ys = etrace.shard_batch((xs, ys), mesh, axis=1, axis_name="data")
         model, opt_state, trace_state, loss = train_step(
@@ -231,12 +235,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ax.plot(losses)
     ax.set_xlabel("chunk")
     ax.set_ylabel("mean loss")
-    ax.set_title(f"D-RTRL, LIF H={args.hidden}, 2x2 mesh")
+    ax.set_title(f"D-RTRL, LIF H={args.hidden}, {where} mesh")
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
     plt.close(fig)
     print(f"saved {args.plot}")
-    return {"memory": rows, "losses": losses, "firing_rates": rates}
+    return {"memory": rows, "mesh": where, "losses": losses, "firing_rates": rates}
 
 
 if __name__ == "__main__":

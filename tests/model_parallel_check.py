@@ -361,6 +361,10 @@ def main():
     report["unbatched_error"], report["unbatched_quarter"] = unbatched_error()
     report["errors"] = errors()
     report["export"] = cuda_export()
+    sizes = "--hidden 8 --inputs 3 --batch 4 --length 5 --steps 2".split()
+    example = model_parallel.main([*sizes, "--plot", "/dev/null"])
+    report["example"] = {"meshes": [r["mesh"] for r in example["memory"]]}
+    report["example"].update(mesh=example["mesh"], losses=example["losses"])
     print(json.dumps(report))
 
 

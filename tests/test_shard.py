@@ -89,6 +89,14 @@ def test_sharded_step_lowers_for_a_gpu(report):
     assert cuda["barriers"] == 0 and cpu["barriers"] > 0
 
 
+def test_model_parallel_example_on_four_devices(report):
+    # `examples/model_parallel.py` at tiny sizes: the four meshes, then training
+    # on 2x2 (its smoke test in `test_examples.py` has one device).
+    example = report["example"]
+    assert example["meshes"] == ["1x1", "1x4", "4x1", "2x2"]
+    assert example["mesh"] == "2x2" and len(example["losses"]) == 2
+
+
 @pytest.mark.parametrize(
     "case, match",
     [
