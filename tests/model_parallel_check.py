@@ -353,7 +353,60 @@ def cuda_export():
     return out
 
 
+def other_algorithms():
+    """The other algorithms of the diagonal family on the LIF network: the
+    single-device gradient of `online_grad` against `1x4` and `2x2` meshes, and how
+    many of their trace arrays are split along neurons."""
+    model, state = model_of("lif")
+    xs, ys = data("lif")
+    modulators = jnp.cos(jnp.arange(LENGTH * BATCH)).reshape(LENGTH, BATCH)
+    algorithms = {
+        "EProp": etrace.EProp(),
+        "EProp(random, kappa)": etrace.EProp(feedback="random", kappa=0.8),
+        "OSTLFeedforward": etrace.OSTLFeedforward(),
+        "OSTLRecurrent": etrace.OSTLRecurrent(),
+        "OSTTP": etrace.OSTTP(),
+        "ThreeFactor": etrace.ThreeFactor(),
+        "RFLO": etrace.RFLO(tau=5.0),
+        "OTPE": etrace.OTPE(decay=0.8),
+        "OTPE(approx)": etrace.OTPE(decay=0.8, approx=True),
+        "OTTT": etrace.OTTT(decay=0.8),
+    }
+    grad = eqx.filter_jit(etrace.online_grad)
+    out = {}
+    for name, algorithm in algorithms.items():
+        learner, _ = etrace.compile(
+            model, jnp.zeros(N_IN), state=state, algorithm=algorithm
+        )
+        extra = algorithm.learning_signal == "modulator"
+        kwargs = {"modulators": modulators} if extra else {}
+        ts = learner.init(batch_size=BATCH)
+        single = grad(learner, loss_fn, model, ts, xs, ys, **kwargs)[0]
+        for shape in ((1, 4), (2, 2)):
+            mesh = model_parallel.mesh_of(shape)
+            smodel, _, sts, sxs, sys_ = model_parallel.place(
+                learner, optax.sgd(1.0), model, ts, xs, ys, mesh
+            )
+            if extra:
+                kwargs = {
+                    "modulators": etrace.shard_batch(
+                        modulators, mesh, axis=1, axis_name="data"
+                    )
+                }
+            sharded = grad(learner, loss_fn, smodel, sts, sxs, sys_, **kwargs)[0]
+            leaves = jax.tree.leaves(sts.traces)
+            out[f"{name} {shape[0]}x{shape[1]}"] = {
+                "error": rel_error(sharded, single),
+                "split": sum("model" in str(a.sharding.spec) for a in leaves),
+                "traces": len(leaves),
+            }
+    return out
+
+
 def main():
+    if "--algorithms" in sys.argv:
+        print(json.dumps(other_algorithms()))
+        return
     report = {"devices": jax.device_count()}
     report["gru_d_rtrl"] = run_case("gru", etrace.D_RTRL())
     report["lif_d_rtrl"] = run_case("lif", etrace.D_RTRL())

@@ -17,13 +17,12 @@ CASES = ["gru_d_rtrl", "lif_d_rtrl", "lif_es_d_rtrl"]
 MESHES = ["2x2", "1x4"]
 
 
-@pytest.fixture(scope="module")
-def report():
+def _run_check(*args):
     devices = "--xla_force_host_platform_device_count=4"
     flags = f"{os.environ.get('XLA_FLAGS', '')} {devices}"
     env = dict(os.environ, XLA_FLAGS=flags.strip())
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "model_parallel_check.py")],
+        [sys.executable, str(ROOT / "tests" / "model_parallel_check.py"), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -32,6 +31,11 @@ def report():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def report():
+    return _run_check()
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -119,3 +123,21 @@ def test_model_parallel_example_on_four_devices(report):
 def test_shard_traces_errors(report, case, match):
     message = report["errors"][case]
     assert message is not None and re.search(match, message), message
+
+
+@pytest.mark.slow
+def test_the_diagonal_family_splits_along_neurons():
+    # The other algorithms whose traces are per neuron, on the LIF network: the
+    # same gradient on 1x4 and 2x2 meshes as on one device. OTTT keeps only
+    # presynaptic traces, which have no neuron axis; OTPE's approximation keeps
+    # one per weight.
+    report = _run_check("--algorithms")
+    assert len(report) == 20
+    for name, r in report.items():
+        assert r["error"] < 1e-10, (name, r)
+        if name.startswith("OTTT"):
+            assert r["split"] == 0, (name, r)
+        elif name.startswith("OTPE(approx)"):
+            assert 0 < r["split"] < r["traces"], (name, r)
+        else:
+            assert r["split"] == r["traces"], (name, r)
