@@ -244,7 +244,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def test_model_parallel_smoke(tmp_path):
     # Imported, the example keeps the devices of this process (one, unless
     # `XLA_FLAGS` says otherwise): the meshes that fit. The four meshes and
-    # training on 2x2 run in `model_parallel_check.py` (`test_shard.py`).
+    # training on 2x2 run in `model_parallel_check.py` (`test_shard.py`, slow).
     pytest.importorskip("optax")
     pytest.importorskip("matplotlib")
     module = _load("examples/model_parallel.py")

@@ -51,6 +51,13 @@ def test_split_along_neurons_equals_one_device(report, case, mesh):
         assert r[key] < 1e-10, (key, r[key])
 
 
+@pytest.mark.parametrize("case", ["gru_d_rtrl", "lif_d_rtrl"])
+def test_split_along_neurons_in_chunks(report, case):
+    # `online_grad(..., chunk=3)` on the 2x2 mesh: the step-by-step gradient of
+    # one device.
+    assert report[case]["2x2"]["chunk_error"] < 1e-10
+
+
 def test_neurons_only_split_of_an_unbatched_trace_state(report):
     assert report["unbatched_error"] < 1e-10
     assert report["unbatched_quarter"]
@@ -93,14 +100,6 @@ def test_sharded_step_lowers_for_a_gpu(report):
     assert cuda["barriers"] == 0 and cpu["barriers"] > 0
 
 
-def test_model_parallel_example_on_four_devices(report):
-    # `examples/model_parallel.py` at tiny sizes: the four meshes, then training
-    # on 2x2 (its smoke test in `test_examples.py` has one device).
-    example = report["example"]
-    assert example["meshes"] == ["1x1", "1x4", "4x1", "2x2"]
-    assert example["mesh"] == "2x2" and len(example["losses"]) == 2
-
-
 @pytest.mark.parametrize(
     "case, match",
     [
@@ -125,13 +124,18 @@ def test_shard_traces_errors(report, case, match):
     assert message is not None and re.search(match, message), message
 
 
+@pytest.fixture(scope="module")
+def slow_report():
+    return _run_check("--slow")
+
+
 @pytest.mark.slow
-def test_the_diagonal_family_splits_along_neurons():
+def test_the_diagonal_family_splits_along_neurons(slow_report):
     # The other algorithms whose traces are per neuron, on the LIF network: the
     # same gradient on 1x4 and 2x2 meshes as on one device. OTTT keeps only
     # presynaptic traces, which have no neuron axis; OTPE's approximation keeps
     # one per weight.
-    report = _run_check("--algorithms")
+    report = slow_report["algorithms"]
     assert len(report) == 20
     for name, r in report.items():
         assert r["error"] < 1e-10, (name, r)
@@ -141,3 +145,13 @@ def test_the_diagonal_family_splits_along_neurons():
             assert 0 < r["split"] < r["traces"], (name, r)
         else:
             assert r["split"] == r["traces"], (name, r)
+
+
+@pytest.mark.slow
+def test_model_parallel_example_on_four_devices(slow_report):
+    # `examples/model_parallel.py` at tiny sizes: the four meshes, then training
+    # on 2x2 (its smoke test in `test_examples.py` has the devices of the test
+    # process).
+    example = slow_report["example"]
+    assert example["meshes"] == ["1x1", "1x4", "4x1", "2x2"]
+    assert example["mesh"] == "2x2" and len(example["losses"]) == 2
