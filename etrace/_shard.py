@@ -11,6 +11,7 @@ import jax.tree_util as jtu
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._errors import EtraceError
+from ._learner import batch_size, Learner, TraceState
 
 
 def shard_batch(
@@ -129,7 +130,7 @@ def _check_axis(mesh: Any, name: Any, argument: str) -> int:
     return mesh.shape[name]
 
 
-def _check_routing(learner: Any) -> None:
+def _check_routing(learner: Learner) -> None:
     algorithm = learner.algorithm
     if algorithm.routing == "joint":
         raise EtraceError(_JOINT.format(name=type(algorithm).__name__))
@@ -150,7 +151,7 @@ def _trace_axis(unit: Any, shape: tuple[int, ...]) -> int | None:
     return None
 
 
-def neuron_axes(learner: Any) -> tuple[list[int | None], Any]:
+def neuron_axes(learner: Learner) -> tuple[list[int | None], Any]:
     """Per example, the neuron axis of every state leaf (flattened order) and of
     every trace array (a pytree shaped like the traces), or `None` where the array
     has none."""
@@ -178,7 +179,7 @@ _NOT_THIS_LEARNERS = (
 )
 
 
-def _check_layout(trace_state: Any, learner: Any, size: int | None) -> None:
+def _check_layout(trace_state: Any, learner: Learner, size: int | None) -> None:
     """`trace_state` has the structure and shapes of `learner.init(size)`."""
     expected = jax.eval_shape(lambda: learner.init(batch_size=size))
     name = type(learner.algorithm).__name__
@@ -202,13 +203,13 @@ def _check_layout(trace_state: Any, learner: Any, size: int | None) -> None:
 
 
 def shard_traces(
-    trace_state: Any,
-    learner: Any,
+    trace_state: TraceState,
+    learner: Learner,
     mesh: Mesh,
     *,
     neuron_axis: str,
     batch_axis: str | None = None,
-) -> Any:
+) -> TraceState:
     """Places a trace state on `mesh`, split along neurons (and the batch).
 
     Every trace of the diagonal family is neuron-local: row `m` of a weight's trace
@@ -268,8 +269,6 @@ def shard_traces(
                 f"`batch_axis` and `neuron_axis` are both {batch_axis!r}: split the "
                 "batch and the neurons over two different mesh axes."
             )
-    from ._learner import batch_size
-
     size = batch_size(trace_state)
     if size is None and batch_axis is not None:
         raise EtraceError(
@@ -293,10 +292,10 @@ def shard_traces(
         is_leaf=lambda x: x is None,
     )
     t = _place(trace_state.t, mesh, None, lead, neuron_axis, batch)
-    return type(trace_state)(jtu.tree_unflatten(state_def, state), traces, t)
+    return TraceState(jtu.tree_unflatten(state_def, state), traces, t)
 
 
-def _check_groups(learner: Any, devices: int, axis: str) -> None:
+def _check_groups(learner: Learner, devices: int, axis: str) -> None:
     """Every hidden group's neurons split evenly over `devices`."""
     for group in learner.graph.groups:
         if group.n % devices:
@@ -347,7 +346,7 @@ def _weight_row_axis(site: Any, shape: tuple[int, ...], devices: int) -> int | N
     return None
 
 
-def param_axes(learner: Any, devices: int) -> list[int | None]:
+def param_axes(learner: Learner, devices: int) -> list[int | None]:
     """Per model array (flattened order), the axis split along neurons: the output
     rows of a traced weight, where every unit it feeds agrees on it."""
     _check_routing(learner)
@@ -362,7 +361,7 @@ def param_axes(learner: Any, devices: int) -> list[int | None]:
     return out
 
 
-def shard_params(model: Any, learner: Any, mesh: Mesh, *, neuron_axis: str) -> Any:
+def shard_params(model: Any, learner: Learner, mesh: Mesh, *, neuron_axis: str) -> Any:
     """Places a model on `mesh` with its traced weights' output rows split along
     neurons, everything else replicated.
 
