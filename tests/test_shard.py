@@ -155,3 +155,108 @@ def test_model_parallel_example_on_four_devices(slow_report):
     example = slow_report["example"]
     assert example["meshes"] == ["1x1", "1x4", "4x1", "2x2"]
     assert example["mesh"] == "2x2" and len(example["losses"]) == 2
+
+
+# --------------------------------------------------------------------------------
+# Errors that one device can show, raised in this process.
+
+
+@pytest.fixture(scope="module")
+def lif():
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+    import numpy as np
+    from jax.sharding import AxisType, Mesh
+
+    import etrace
+
+    class RecurrentLIF(eqx.Module):
+        w_in: eqx.nn.Linear
+        w_rec: eqx.nn.Linear
+        lif: etrace.nn.LIF
+
+        def __init__(self, key):
+            k1, k2 = jr.split(key)
+            self.w_in = eqx.nn.Linear(2, 4, key=k1)
+            self.w_rec = eqx.nn.Linear(4, 4, use_bias=False, key=k2)
+            self.lif = etrace.nn.LIF(4)
+
+        def __call__(self, x, state):
+            current = self.w_in(x) + self.w_rec(state.get(self.lif.z))
+            return self.lif(current, state)
+
+    model, state = eqx.nn.make_with_state(RecurrentLIF)(jr.key(0))
+    mesh = Mesh(
+        np.asarray(jax.devices()[:1]).reshape(1, 1),
+        ("data", "model"),
+        axis_types=(AxisType.Auto,) * 2,
+    )
+    compiled = {
+        name: etrace.compile(model, jnp.zeros(2), state=state, algorithm=algorithm)
+        for name, algorithm in [
+            ("d_rtrl", etrace.D_RTRL()),
+            ("es", etrace.ES_D_RTRL(decay=0.5)),
+            ("rtrl", etrace.RTRL()),
+        ]
+    }
+    return model, mesh, compiled
+
+
+def test_shard_traces_errors_in_process(lif):
+    from jax.sharding import PartitionSpec
+
+    import etrace
+
+    model, mesh, compiled = lif
+    learner, ts = compiled["d_rtrl"]
+    batched = learner.init(batch_size=2)
+    with pytest.raises(etrace.EtraceError, match=r"`neuron_axis='x'` is not an axis"):
+        etrace.shard_traces(ts, learner, mesh, neuron_axis="x")
+    with pytest.raises(etrace.EtraceError, match=r"`batch_axis='b'` is not an axis"):
+        etrace.shard_traces(batched, learner, mesh, neuron_axis="model", batch_axis="b")
+    with pytest.raises(etrace.EtraceError, match=r"are both 'model'"):
+        etrace.shard_traces(
+            batched, learner, mesh, neuron_axis="model", batch_axis="model"
+        )
+    with pytest.raises(etrace.EtraceError, match=r"the trace state has no batch"):
+        etrace.shard_traces(ts, learner, mesh, neuron_axis="model", batch_axis="data")
+    es_ts = compiled["es"][1]
+    with pytest.raises(etrace.EtraceError, match=r"structure of this learner's"):
+        etrace.shard_traces(es_ts, learner, mesh, neuron_axis="model")
+    rtrl, rtrl_ts = compiled["rtrl"]
+    with pytest.raises(etrace.EtraceError, match=r"RTRL keeps whole-state traces"):
+        etrace.shard_traces(rtrl_ts, rtrl, mesh, neuron_axis="model")
+    # (A `mesh` that is not a `Mesh` meets the type checker of this session first;
+    # the subprocess, without it, sees the `EtraceError`.)
+    # Control: the same calls with the right arguments place the trace state.
+    placed = etrace.shard_traces(
+        batched, learner, mesh, neuron_axis="model", batch_axis="data"
+    )
+    (_, spec), *_ = [
+        (k, v[-1].sharding.spec) for k, v in placed.traces.items() if "w_rec" in k
+    ]
+    assert spec == PartitionSpec("data", None, "model", None, None)
+
+
+def test_shard_params_errors_in_process(lif):
+    import equinox as eqx
+    from jax.sharding import PartitionSpec
+
+    import etrace
+
+    model, mesh, compiled = lif
+    learner, _ = compiled["d_rtrl"]
+    with pytest.raises(etrace.EtraceError, match=r"`neuron_axis='n'` is not an axis"):
+        etrace.shard_params(model, learner, mesh, neuron_axis="n")
+    smaller = eqx.tree_at(lambda m: m.w_in.bias, model, model.w_in.bias[:3])
+    with pytest.raises(etrace.EtraceError, match=r"`model` does not have the struc"):
+        etrace.shard_params(smaller, learner, mesh, neuron_axis="model")
+    with pytest.raises(etrace.EtraceError, match=r"RTRL keeps whole-state traces"):
+        etrace.shard_params(model, compiled["rtrl"][0], mesh, neuron_axis="model")
+    # Control: on a one-device mesh both place everything, the traced rows split
+    # (over one device) and the rest whole.
+    placed = etrace.shard_params(model, learner, mesh, neuron_axis="model")
+    assert placed.w_rec.weight.sharding.spec == PartitionSpec("model", None)
+    assert placed.w_in.bias.sharding.spec == PartitionSpec("model")
