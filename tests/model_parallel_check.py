@@ -358,6 +358,26 @@ def cuda_export():
     return out
 
 
+class MaskedLIF(eqx.Module):
+    """The recurrent LIF network with a constant mask on its recurrent weight."""
+
+    net: model_parallel.Net
+    mask: jax.Array
+
+    def __call__(self, x, state):
+        net = self.net
+        w_rec = jnp.where(self.mask, net.w_rec.weight, 0.0)
+        current = net.w_in(x) + w_rec @ state.get(net.lif.z)
+        z, state = net.lif(current, state)
+        return net.readout(z), state
+
+
+def masked_model():
+    net, state = model_of("lif")
+    mask = jr.bernoulli(jr.key(3), 0.5, (HIDDEN, HIDDEN))
+    return MaskedLIF(net, mask), state
+
+
 def other_algorithms():
     """The other algorithms of the diagonal family on the LIF network: the
     single-device gradient of `online_grad` against `1x4` and `2x2` meshes, and how
@@ -377,9 +397,12 @@ def other_algorithms():
         "OTPE(approx)": etrace.OTPE(decay=0.8, approx=True),
         "OTTT": etrace.OTTT(decay=0.8),
     }
+    algorithms["D_RTRL(masked)"] = etrace.D_RTRL()
     grad = eqx.filter_jit(etrace.online_grad)
     out = {}
     for name, algorithm in algorithms.items():
+        if name == "D_RTRL(masked)":  # kept at the mask's non-zeros, whole
+            model, state = masked_model()
         learner, _ = etrace.compile(
             model, jnp.zeros(N_IN), state=state, algorithm=algorithm
         )
