@@ -335,12 +335,15 @@ def _weight_row_axis(site: Any, shape: tuple[int, ...], devices: int) -> int | N
     dimension splits evenly; else `None`."""
     if tuple(shape) != tuple(site.w_shape):
         return None
-    sizes = [site.w_shape[d] for d in site.w_perm]
-    start, product = 0, 1
-    while product < site.b and start < len(sizes):
-        product *= sizes[start]
-        start += 1
-    for d in site.w_perm[start:]:
+    # `w_perm` orders the weight's dimensions as `(B, Fw, C)`: skip those of `B`,
+    # then look among those of `Fw` only.
+    order, i = site.w_perm, 0
+    for size in (site.b, site.fw):
+        first, product = i, 1
+        while i < len(order) and product < size:
+            product *= site.w_shape[order[i]]
+            i += 1
+    for d in order[first:i]:
         if site.w_shape[d] > 1:
             return d if site.w_shape[d] % devices == 0 else None
     return None

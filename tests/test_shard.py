@@ -261,3 +261,26 @@ def test_shard_params_errors_in_process(lif):
     placed = etrace.shard_params(model, learner, mesh, neuron_axis="model")
     assert placed.w_rec.weight.sharding.spec == PartitionSpec("model", None)
     assert placed.w_in.bias.sharding.spec == PartitionSpec("model")
+
+
+@pytest.mark.parametrize(
+    "w_shape, w_perm, b, fw, devices, axis",
+    [
+        ((8, 3), (0, 1), 1, 8, 4, 0),  # eqx.nn.Linear: rows are the outputs
+        ((3, 8), (1, 0), 1, 8, 4, 1),  # `x @ W`: the outputs are the columns
+        ((2, 8, 3), (0, 1, 2), 2, 8, 4, 1),  # grouped: after the group axis
+        ((4, 8, 3, 3), (0, 1, 2, 3), 1, 4, 4, 0),  # a convolution's kernel
+        ((8,), (0,), 1, 8, 4, 0),  # a bias, a learnable decay
+        ((1, 8), (0, 1), 1, 1, 4, None),  # one output: never the inputs
+        ((6, 3), (0, 1), 1, 6, 4, None),  # rows that do not split evenly
+    ],
+)
+def test_weight_row_axis(w_shape, w_perm, b, fw, devices, axis):
+    import types
+
+    from etrace._shard import _weight_row_axis
+
+    site = types.SimpleNamespace(w_shape=w_shape, w_perm=w_perm, b=b, fw=fw)
+    assert _weight_row_axis(site, w_shape, devices) == axis
+    # A parameter shaped otherwise than the weight (used reshaped) stays whole.
+    assert _weight_row_axis(site, (*w_shape, 1), devices) is None
