@@ -37,7 +37,11 @@ from ._sequence import (
     Comparison as Comparison,
     online_grad as online_grad,
 )
-from ._shard import shard_batch as shard_batch
+from ._shard import (
+    shard_batch as shard_batch,
+    shard_params as shard_params,
+    shard_traces as shard_traces,
+)
 from ._step import Jacobians as Jacobians
 
 

@@ -241,6 +241,23 @@ def test_products_benchmark_smoke(tmp_path):
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def test_model_parallel_smoke(tmp_path):
+    # Imported, the example keeps the devices of this process (one, unless
+    # `XLA_FLAGS` says otherwise): the meshes that fit. The four meshes and
+    # training on 2x2 run in `model_parallel_check.py` (`test_shard.py`, slow).
+    pytest.importorskip("optax")
+    pytest.importorskip("matplotlib")
+    module = _load("examples/model_parallel.py")
+    out = tmp_path / "model_parallel.png"
+    sizes = "--hidden 8 --inputs 3 --batch 4 --length 5 --steps 2".split()
+    result = module.main([*sizes, "--plot", str(out)])
+    fit = [f"{a}x{b}" for a, b in module.MESHES if a * b <= jax.device_count()]
+    assert [r["mesh"] for r in result["memory"]] == fit
+    assert result["memory"][0]["bytes_per_device"] > 0
+    assert len(result["losses"]) == 2 and all(map(math.isfinite, result["losses"]))
+    assert out.read_bytes()[:8] == PNG
+
+
 @pytest.mark.parametrize(
     "script",
     [
