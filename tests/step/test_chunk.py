@@ -13,7 +13,6 @@ import pytest
 import etrace
 import etrace.testing as et
 
-from ..helpers import build, data, firing_rate, mse, rel_err
 from ..analysis.test_operators import (
     _conv_problem,
     ConvLIF,
@@ -21,6 +20,7 @@ from ..analysis.test_operators import (
     MaskedLIF,
     RecurrentConvLIF,
 )
+from ..helpers import build, data, firing_rate, mse, rel_err
 
 
 SPIKING = ("lif", "alif", "stack")
