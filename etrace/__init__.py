@@ -13,6 +13,7 @@ from ._algorithm.helpers import (
     KappaFilter as KappaFilter,
     PresynapticTrace as PresynapticTrace,
 )
+from ._algorithm.kf_rtrl import KF_RTRL as KF_RTRL
 from ._algorithm.ostl import (
     OSTLFeedforward as OSTLFeedforward,
     OSTLRecurrent as OSTLRecurrent,

@@ -24,6 +24,7 @@ from .jacobians import (
     hidden_leaves,
     Jacobians,
     NotFormed,
+    site_jacobians,
     transition_products,
 )
 
@@ -136,8 +137,9 @@ class JointStep:
         # Linearised here, outside any transformation `update` applies to the
         # products (a `vmap` over many vectors); XLA drops it if `update` takes none.
         jvp, vjp = transition_products(*at)
+        xs, Df = site_jacobians(*at) if algorithm.site_jacobians else ({}, {})
         products = Jacobians(
-            D={}, Df={}, x={}, t=self.t, J=J, Jtheta=Jtheta, jvp=jvp, vjp=vjp
+            D={}, Df=Df, x=xs, t=self.t, J=J, Jtheta=Jtheta, jvp=jvp, vjp=vjp
         )
         return jac, products
 
