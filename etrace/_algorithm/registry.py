@@ -28,6 +28,7 @@ from typing import Any
 
 from .base import AbstractAlgorithm
 from .d_rtrl import D_RTRL
+from .dni import DNI
 from .eprop import EProp
 from .es_d_rtrl import ES_D_RTRL
 from .helpers import FixedRandomFeedback
@@ -217,6 +218,12 @@ ALGORITHMS: tuple[Entry, ...] = (
         KF_RTRL,
         {"kf_rtrl": KF_RTRL(seed=3)},
         {"seed": Integers(0, 2**16)},
+        dense=True,
+    ),
+    Entry(
+        DNI,
+        {"dni": DNI(every=3)},
+        {"every": Integers(1, 6)},
         dense=True,
     ),
     Entry(

@@ -45,6 +45,8 @@ class Jacobians(eqx.Module):
         hidden group name the per-neuron diagonal blocks of the *full*
         hidden-to-hidden Jacobian, recurrent weights included, shape `(N, K, K)`;
         else `None`.
+    - `h`: for whole-state algorithms, the new hidden state `h^t`, flat `(H,)` in
+        group order (as `signal["hidden"]`); else `None`.
     - `jvp`: in a whole-state algorithm's `update`, `v -> J v` for `v` of shape
         `(H,)`, without forming `J`; else `None`.
     - `vjp`: in a whole-state algorithm's `update`, `u -> (u^T J, {path: u^T
@@ -60,6 +62,7 @@ class Jacobians(eqx.Module):
     J: Any = None
     Jtheta: Any = None
     H: Any = None
+    h: Any = None
     jvp: Any = eqx.field(default=None, static=True)
     vjp: Any = eqx.field(default=None, static=True)
 
