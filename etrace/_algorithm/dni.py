@@ -252,10 +252,9 @@ def _check_stretch(every: int, trace_state: Any, xs: Any) -> None:
             f"`xs` has {length} steps, not a whole number of DNI chunks of "
             f"{every} steps: pass whole chunks (`every` divides the length)."
         )
-    try:
-        start = int(trace_state.t)
-    except jax.errors.ConcretizationTypeError:
+    if isinstance(trace_state.t, jax.core.Tracer):  # under `jit` or `vmap`
         return
+    start = int(trace_state.t)
     if start % every:
         raise EtraceError(
             f"The trace state is at step {start}, inside a DNI chunk of {every} "
