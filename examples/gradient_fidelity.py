@@ -28,7 +28,9 @@ and KF-RTRL are unbiased but noisy (KF-RTRL less: its Kronecker factors keep the
 input and output sides of each weight apart): the script gives every example of the
 batch its own random signs, and averages `--uoro-samples` independent runs of each.
 OSTTP's learning signal is a fixed random projection of the target: it is not meant
-to follow the gradient.
+to follow the gradient. DNI-trunc is `etrace.DNI` over RTRL with chunks of 4 steps
+and its predictor untrained (zero): truncated BPTT, the baseline that a trained
+synthetic gradient improves on (see `docs/algorithms/dni.md`).
 
 It runs in float64 by default, where exact means agreement to about 1e-15.
 
@@ -121,6 +123,7 @@ def algorithms(leak: float, kappa: float) -> dict[str, etrace.AbstractAlgorithm]
         "SnAp-2": etrace.SnAp(2),
         "UORO": etrace.UORO(),
         "KF-RTRL": etrace.KF_RTRL(),
+        "DNI-trunc": etrace.DNI(etrace.RTRL(), every=4),
         "D-RTRL": etrace.D_RTRL(),
         "ES-D-RTRL": etrace.ES_D_RTRL(decay=leak),
         "e-prop": etrace.EProp(),
