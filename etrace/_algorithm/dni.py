@@ -56,8 +56,8 @@ def _restart(fresh: Any, traces: Any, first: Any) -> Any:
 
 class DNI(AbstractAlgorithm):
     r"""Truncated online learning with synthetic gradients (Jaderberg et al.,
-    "Decoupled neural interfaces using synthetic gradients", ICML 2017, Section 2.1:
-    synthetic gradients for recurrent networks).
+    "Decoupled neural interfaces using synthetic gradients", ICML 2017, the
+    recurrent case).
 
     The sequence is cut into chunks of `every` steps (by the step counter, so a
     chunk may span calls). Within a chunk `inner` (a whole-state algorithm, RTRL by

@@ -74,7 +74,7 @@ def _plan(graph: Graph) -> tuple[dict[str, Site], dict[str, Site], tuple[str, ..
 
 class KF_RTRL(AbstractAlgorithm):
     r"""KF-RTRL (Mujika, Meier & Steger, "Approximating real-time recurrent
-    learning with random Kronecker factors", NeurIPS 2018, Algorithm 1): an
+    learning with random Kronecker factors", NeurIPS 2018): an
     unbiased estimate of RTRL's sensitivity as a Kronecker product.
 
     For a weight $W$ of shape $(M, C)$ in one dense product $y = W x$, the
