@@ -105,14 +105,11 @@ class DNI(AbstractAlgorithm):
     every: int = 8
 
     def __check_init__(self):
-        if isinstance(self.every, bool) or not isinstance(self.every, int):
+        every = self.every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise EtraceError(
-                f"DNI(every=...) is the chunk length in steps, a positive int; got "
-                f"{self.every!r}."
-            )
-        if self.every < 1:
-            raise EtraceError(
-                f"DNI(every={self.every}): the chunk length must be at least 1."
+                f"DNI(every={every!r}): `every` is the chunk length in steps, an "
+                "int of at least 1."
             )
         name = type(self.inner).__name__
         if self.inner.routing != "joint":
