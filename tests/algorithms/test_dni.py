@@ -198,6 +198,30 @@ def test_synthetic_gradient_brings_truncation_closer_to_bptt(seed):
     assert _cosine(untrained, bptt) == _cosine(plain, bptt)
 
 
+def test_masked_losses_keep_the_synthetic_gradient():
+    # It stands for later losses: a zero mask removes this stretch's own losses only,
+    # so what is left is the synthetic part, the corrected gradient less the plain.
+    model, state = et.build("rnn", 2, 3, 2, 0)
+    xs, ys = data(0, 6, 2, 2)
+    learner, ts = etrace.compile(
+        model, xs[0], state=state, algorithm=etrace.DNI(every=3)
+    )
+    zero = ts.traces["predictor"]
+    predictor = jax.tree.map(lambda a: jr.normal(jr.key(a.size), a.shape), zero)
+
+    def run(predictor, mask):
+        ts_ = _with_predictor(ts, predictor)
+        grads = etrace.online_grad(learner, mse, model, ts_, xs, ys, mask=mask)[0]
+        return eqx.filter(grads, eqx.is_array)
+
+    masked = run(predictor, jnp.zeros(6))
+    alone = jax.tree.map(
+        jnp.subtract, run(predictor, jnp.ones(6)), run(zero, jnp.ones(6))
+    )
+    assert max(leaf_errors(masked, alone).values()) < 1e-9
+    assert float(jnp.abs(masked.rec.weight).max()) > 1e-3
+
+
 def test_inner_must_be_whole_state():
     with pytest.raises(etrace.EtraceError, match=r"DNI\(inner=D_RTRL.*whole-state"):
         etrace.DNI(etrace.D_RTRL())
