@@ -8,8 +8,10 @@ trace state carried), after compilation; and the median wall time per time step 
 a jitted `etrace.online_grad` over `--length` steps of a batch, where the read-out
 sums over the batch itself. The algorithms whose traces are dense in
 the hidden size times the parameters (RTRL; SnAp(2) and SnAp(3), whose patterns
-cover a GRU's whole state) are timed only up to `--max-dense-hidden`; their memory
-is always reported.
+cover a GRU's whole state), and KF-RTRL, whose step takes one pullback per hidden
+value and one Jacobian-vector product per output of each weight, are timed only up
+to `--max-dense-hidden`, as is DNI over RTRL (RTRL's traces and each group's
+predictor, restarted every 8 steps); their memory is always reported.
 
 ```
 python benchmarks/algorithms.py
@@ -40,7 +42,7 @@ import etrace
 
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "algorithms.json"
-DENSE = ("RTRL", "SnAp(2)", "SnAp(3)")
+DENSE = ("RTRL", "SnAp(2)", "SnAp(3)", "KF-RTRL", "DNI")
 
 
 class Net(eqx.Module):
@@ -61,6 +63,8 @@ def algorithms() -> dict[str, etrace.AbstractAlgorithm]:
         "SnAp(2)": etrace.SnAp(2),
         "SnAp(3)": etrace.SnAp(3),
         "UORO": etrace.UORO(),
+        "KF-RTRL": etrace.KF_RTRL(),
+        "DNI": etrace.DNI(etrace.RTRL(), every=8),
     }
 
 

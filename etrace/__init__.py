@@ -6,6 +6,7 @@ from ._algorithm.base import (
     AbstractUnitAlgorithm as AbstractUnitAlgorithm,
 )
 from ._algorithm.d_rtrl import D_RTRL as D_RTRL
+from ._algorithm.dni import DNI as DNI, dni_grad as dni_grad
 from ._algorithm.eprop import EProp as EProp
 from ._algorithm.es_d_rtrl import ES_D_RTRL as ES_D_RTRL, pp_prop as pp_prop
 from ._algorithm.helpers import (
@@ -13,6 +14,7 @@ from ._algorithm.helpers import (
     KappaFilter as KappaFilter,
     PresynapticTrace as PresynapticTrace,
 )
+from ._algorithm.kf_rtrl import KF_RTRL as KF_RTRL
 from ._algorithm.ostl import (
     OSTLFeedforward as OSTLFeedforward,
     OSTLRecurrent as OSTLRecurrent,

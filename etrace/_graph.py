@@ -229,6 +229,13 @@ class Graph:
         values a weight op reads in the same step (the neuron's output, e.g. the
         spike leaf): where a feedback learning signal is delivered.
     - `paths`: the paths of the model's arrays, indexed as `Site.params`.
+    - `direct_sites`: per parameter path, the name of the site whose weight (or,
+        for an element-wise site, whose value) is that parameter itself, with no
+        computation or layout operation between them, where that site is the
+        parameter's only way into a hidden state. The parameter's immediate
+        Jacobian is then the site's `dh/dy` times its input `x` (a dense product
+        with `B = Fx = 1`: the outer product of the two; for whole-state
+        algorithms that declare `site_jacobians`, such as `KF_RTRL`).
     """
 
     groups: tuple[Group, ...]
@@ -239,6 +246,7 @@ class Graph:
     downstream: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     outputs: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     paths: tuple[str, ...] = ()
+    direct_sites: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def units_of(self, path: str) -> tuple[Unit, ...]:
         """The units whose weight depends on the model array at `path`."""

@@ -5,7 +5,7 @@ The network is the recurrent spiking layer of `docs/nn.md`: one `eqx.nn.Linear`
 reads the input and the layer's previous spikes into `--hidden` LIF neurons, and a
 linear map and a leaky integrator (`etrace.nn.LeakyRateReadout`) read the spikes
 out. Every algorithm etrace ships applies to it: the whole-state ones (RTRL,
-SnAp, UORO) form the full hidden-to-hidden Jacobian, the diagonal ones (D-RTRL,
+SnAp, UORO, KF-RTRL) form the full hidden-to-hidden Jacobian, the diagonal ones (D-RTRL,
 e-prop, OSTL, OTTT, OTPE, OSTTP) keep per-neuron traces, ES-D-RTRL keeps factored
 ones. The input is a batch of Bernoulli spike trains and the target a sine wave
 per output with a random phase; the loss is the mean squared error at every step.
@@ -24,9 +24,13 @@ e-prop without filter and OSTL without H keep each neuron's own dynamics only; t
 recurrent weight's paths through other neurons are lost. e-prop's filter `kappa`,
 set to the readout's leak, restores the readout's memory of past spikes (OTPE with
 the same leak computes the same thing). OTTT keeps only a presynaptic trace. UORO
-is unbiased but noisy: the script gives every example of the batch its own random
-signs, and averages `--uoro-samples` independent runs. OSTTP's learning signal is
-a fixed random projection of the target: it is not meant to follow the gradient.
+and KF-RTRL are unbiased but noisy (KF-RTRL less: its Kronecker factors keep the
+input and output sides of each weight apart): the script gives every example of the
+batch its own random signs, and averages `--uoro-samples` independent runs of each.
+OSTTP's learning signal is a fixed random projection of the target: it is not meant
+to follow the gradient. DNI-trunc is `etrace.DNI` over RTRL with chunks of 4 steps
+and its predictor untrained (zero): truncated BPTT, the baseline that a trained
+synthetic gradient improves on (see `docs/algorithms/dni.md`).
 
 It runs in float64 by default, where exact means agreement to about 1e-15.
 
@@ -118,6 +122,8 @@ def algorithms(leak: float, kappa: float) -> dict[str, etrace.AbstractAlgorithm]
         "SnAp-1": etrace.SnAp(1),
         "SnAp-2": etrace.SnAp(2),
         "UORO": etrace.UORO(),
+        "KF-RTRL": etrace.KF_RTRL(),
+        "DNI-trunc": etrace.DNI(etrace.RTRL(), every=4),
         "D-RTRL": etrace.D_RTRL(),
         "ES-D-RTRL": etrace.ES_D_RTRL(decay=leak),
         "e-prop": etrace.EProp(),
@@ -180,7 +186,8 @@ def online_gradient(learner, model, trace_state, xs, targets):
 
 
 def uoro_gradient(learner, model, xs, targets, samples: int, key: PRNGKeyArray):
-    """The mean of `samples` UORO gradients, each example with its own signs."""
+    """The mean of `samples` gradients of a random estimator (UORO, KF-RTRL), each
+    example with its own signs."""
     batch = xs.shape[1]
     total = None
     for sample_key in jr.split(key, samples):
@@ -243,7 +250,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--input-scale", type=float, default=3.0, help="input weight multiplier"
     )
     parser.add_argument(
-        "--uoro-samples", type=int, default=20, help="UORO runs averaged"
+        "--uoro-samples", type=int, default=20, help="UORO and KF-RTRL runs averaged"
     )
     parser.add_argument(
         "--float32", action="store_true", help="run in float32 (default: float64)"
@@ -326,7 +333,7 @@ def _run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ts = learner.init(batch_size=args.batch)
         result = etrace.compare(learner, mse, model, ts, xs, targets)
         online = result.online
-        if isinstance(algorithm, etrace.UORO):
+        if isinstance(algorithm, (etrace.UORO, etrace.KF_RTRL)):
             online = uoro_gradient(
                 learner, model, xs, targets, args.uoro_samples, uoro_key
             )
@@ -377,8 +384,9 @@ def _run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                 f"NOTE: {name} should equal BPTT on {r['not_exact']} but its "
                 f"relative error there exceeds {rtol:g}"
             )
-    if "UORO" in rows:
-        print(f"UORO: mean of {args.uoro_samples} runs")
+    for name in ("UORO", "KF-RTRL"):
+        if name in rows:
+            print(f"{name}: mean of {args.uoro_samples} runs")
     if args.per_parameter:
         for name, r in rows.items():
             print(f"\n{name}\n{r['comparison']}")

@@ -28,6 +28,7 @@ CAPABILITIES: dict[str, Any] = {
     "full_diagonal": False,
     "learning_signal": "gradient",
     "outer_product_gradients": False,
+    "site_jacobians": False,
 }
 LEARNING_SIGNALS = ("gradient", "error_feedback", "target_feedback", "modulator")
 
@@ -123,6 +124,13 @@ class AbstractAlgorithm(eqx.Module):
         one matrix product over the batch (`ES_D_RTRL`, `OTTT`); `online_grad`
         may then keep its running sum of such a matrix transposed, the faster
         layout for that product on CPU. A layout choice only.
+    - `site_jacobians = True`, with `routing = "joint"`: in `update`, `jac.x` and
+        `jac.Df` are keyed by site name: every weight operation's input in
+        canonical form `(B, Fx, C)` and `dh^t/dy^t`, the derivative of the whole
+        new hidden state by the site's output, `(H, B, Fw, Fx)` (through every
+        later layer of the step). With `graph.direct_sites` they give the
+        immediate Jacobian of a parameter that is a site's weight as an outer
+        product (`KF_RTRL`).
     """
 
     routing: ClassVar[str] = "group"
@@ -130,6 +138,7 @@ class AbstractAlgorithm(eqx.Module):
     full_diagonal: ClassVar[bool] = False
     learning_signal: ClassVar[str] = "gradient"
     outer_product_gradients: ClassVar[bool] = False
+    site_jacobians: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

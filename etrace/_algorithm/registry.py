@@ -28,9 +28,11 @@ from typing import Any
 
 from .base import AbstractAlgorithm
 from .d_rtrl import D_RTRL
+from .dni import DNI
 from .eprop import EProp
 from .es_d_rtrl import ES_D_RTRL
 from .helpers import FixedRandomFeedback
+from .kf_rtrl import KF_RTRL
 from .ostl import OSTLFeedforward, OSTLRecurrent
 from .osttp import OSTTP
 from .otpe import OTPE
@@ -212,6 +214,18 @@ ALGORITHMS: tuple[Entry, ...] = (
         exact="where RTRL is, once `n - 1` reaches the diameter of the unit graph",
     ),
     Entry(UORO, {"uoro": UORO(seed=3)}, {"seed": Integers(0, 2**16)}, dense=True),
+    Entry(
+        KF_RTRL,
+        {"kf_rtrl": KF_RTRL(seed=3)},
+        {"seed": Integers(0, 2**16)},
+        dense=True,
+    ),
+    Entry(
+        DNI,
+        {"dni": DNI(every=3)},
+        {"every": Integers(1, 6)},
+        dense=True,
+    ),
     Entry(
         EProp,
         {"eprop": EProp(feedback="random", kappa=0.5)},

@@ -68,6 +68,10 @@ class AbstractWrappedAlgorithm(AbstractAlgorithm):
     def outer_product_gradients(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.inner.outer_product_gradients
 
+    @property
+    def site_jacobians(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.inner.site_jacobians
+
     def _reads_updated(self) -> bool:
         return overrides(
             self, AbstractWrappedAlgorithm, "update", "gradients", "summed_gradients"

@@ -83,6 +83,27 @@ class _LazyPattern:
         return self.cache[as_sparse]
 
 
+def _direct_sites(program, sites, joint: Joint, layout) -> dict[str, str]:
+    """`Graph.direct_sites`: the parameters that enter the hidden state only as the
+    unchanged weight of one site, or as one element-wise site's value itself."""
+    out = {}
+    for i in joint.params:
+        v = program.invars[i]
+        mine = [s for s in sites if i in s.params]
+        if len(mine) != 1 or mine[0].params != (i,):
+            continue
+        site = mine[0]
+        if site.kind == "elementwise":
+            direct = site.out == v
+        else:
+            readers = {k for k in joint.upstream if v in program.eqns[k].ins}
+            direct = site.weight == v and readers == {site.eqn}
+            direct = direct and site.pattern is None
+        if direct:
+            out[layout.paths[i]] = site.name
+    return out
+
+
 def _graph(step, classified, local, found, regs, joint, links) -> Graph:
     layout = step.layout
     groups = local.groups
@@ -98,6 +119,7 @@ def _graph(step, classified, local, found, regs, joint, links) -> Graph:
         downstream=links.downstream,
         outputs=links.outputs,
         paths=layout.paths,
+        direct_sites=_direct_sites(classified.program, found.sites, joint, layout),
     )
 
 

@@ -29,6 +29,9 @@ class Jacobians(eqx.Module):
     - `Df`: per unit name, `Df[b, w, f, k]` = d h_k^t[n(b,w,f)] / d y^t[b, w, f],
         shape `(B, Fw, Fx, K)`.
     - `x`: per unit name, the weight op's input in canonical form `(B, Fx, C)`.
+        For a whole-state algorithm that declares `site_jacobians`, `x` and `Df`
+        are keyed by site name instead, `Df[name]` the derivative of the whole new
+        hidden state by the site's output, `(H, B, Fw, Fx)` (in `update` only).
     - `t`: the index of this step since `init`/`reset` (`TraceState.t` before the
         step), for rules that depend on it (e.g. a warm-up bias correction).
     - `J`: for whole-state algorithms, the full hidden-to-hidden Jacobian
@@ -42,6 +45,8 @@ class Jacobians(eqx.Module):
         hidden group name the per-neuron diagonal blocks of the *full*
         hidden-to-hidden Jacobian, recurrent weights included, shape `(N, K, K)`;
         else `None`.
+    - `h`: for whole-state algorithms, the new hidden state `h^t`, flat `(H,)` in
+        group order (as `signal["hidden"]`); else `None`.
     - `jvp`: in a whole-state algorithm's `update`, `v -> J v` for `v` of shape
         `(H,)`, without forming `J`; else `None`.
     - `vjp`: in a whole-state algorithm's `update`, `u -> (u^T J, {path: u^T
@@ -57,6 +62,7 @@ class Jacobians(eqx.Module):
     J: Any = None
     Jtheta: Any = None
     H: Any = None
+    h: Any = None
     jvp: Any = eqx.field(default=None, static=True)
     vjp: Any = eqx.field(default=None, static=True)
 
@@ -233,6 +239,54 @@ def transition_products(compiled: Compiled, dyn_leaves, state_leaves, x_leaves):
         return join(out)
 
     return jvp, vjp
+
+
+def site_jacobians(compiled: Compiled, dyn_leaves, state_leaves, x_leaves):
+    """Per site name, its input in canonical form `(B, Fx, C)` and `dh^t/dy^t`,
+    the derivative of the whole new hidden state by the site's output, `(H, B, Fw,
+    Fx)`: one pullback per hidden value (vmapped) of the step with a zero offset
+    added to every site's output, so that the paths through later sites of the
+    same step stay in."""
+    program = compiled.program
+    sites = {u.site.name: u.site for u in compiled.graph.units}
+    size = compiled.graph.hidden_size
+    if not size or not sites:
+        return {}, {}
+    hidden = hidden_leaves(compiled)
+    sinks = [program.outvars[compiled.step.n_y + j] for j in hidden]
+    at = {s.out: name for name, s in sites.items()}
+    sg = jax.lax.stop_gradient
+    leaves = [sg(a) for a in list(dyn_leaves) + list(state_leaves) + list(x_leaves)]
+
+    def read(env, a):
+        return a.val if isinstance(a, _ir.Lit) else env[a]
+
+    def step(offsets):
+        env: dict[int, Any] = dict(program.consts)
+        env.update(zip(program.invars, leaves))
+        for v in set(at) & set(program.invars):
+            env[v] = env[v] + offsets[at[v]]
+        for i in sorted(compiled.joint.upstream):
+            e = program.eqns[i]
+            outs = _ir.bind(e, *(read(env, a) for a in e.ins))
+            env.update(zip(e.outs, outs))
+            for o in e.outs:
+                if o in at:
+                    env[o] = env[o] + offsets[at[o]]
+        xs = {
+            name: s.canonical_x(*(read(env, a) for a in s.inputs))
+            for name, s in sites.items()
+        }
+        return [read(env, v) for v in sinks], xs
+
+    zeros = {
+        name: jnp.zeros(program.avals[s.out].shape, program.avals[s.out].dtype)
+        for name, s in sites.items()
+    }
+    new_hidden, pullback, xs = jax.vjp(step, zeros, has_aux=True)
+    (dy,) = jax.vmap(pullback)(_unit_cotangents(compiled, new_hidden))
+    Df = {name: jax.vmap(sites[name].canonical_y)(d) for name, d in dy.items()}
+    return xs, Df
 
 
 def diagonal_blocks(compiled: Compiled, dyn_leaves, state_leaves, x_leaves):

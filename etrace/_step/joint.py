@@ -24,6 +24,7 @@ from .jacobians import (
     hidden_leaves,
     Jacobians,
     NotFormed,
+    site_jacobians,
     transition_products,
 )
 
@@ -132,12 +133,16 @@ class JointStep:
         else:
             name = type(algorithm).__name__
             J, Jtheta = NotFormed("J", name), NotFormed("Jtheta", name)
-        jac = Jacobians(D={}, Df={}, x={}, t=self.t, J=J, Jtheta=Jtheta)
+        sinks = [c.program.outvars[c.step.n_y :][j] for j in hidden_leaves(c)]
+        parts = [jnp.reshape(self.read_up(v), (-1,)) for v in sinks]
+        h = jnp.concatenate(parts) if parts else jnp.zeros((0,))
+        jac = Jacobians(D={}, Df={}, x={}, t=self.t, J=J, Jtheta=Jtheta, h=h)
         # Linearised here, outside any transformation `update` applies to the
         # products (a `vmap` over many vectors); XLA drops it if `update` takes none.
         jvp, vjp = transition_products(*at)
+        xs, Df = site_jacobians(*at) if algorithm.site_jacobians else ({}, {})
         products = Jacobians(
-            D={}, Df={}, x={}, t=self.t, J=J, Jtheta=Jtheta, jvp=jvp, vjp=vjp
+            D={}, Df=Df, x=xs, t=self.t, J=J, Jtheta=Jtheta, h=h, jvp=jvp, vjp=vjp
         )
         return jac, products
 
