@@ -207,6 +207,21 @@ test_two_layers_sweep = pytest.mark.parametrize("kind", list(CELLS))(
 )
 
 
+@pytest.mark.parametrize("kind", ["rglru", "elstm"])
+def test_batched_online_gradient_equals_bptt(kind):
+    # A batched trace state: the gradient of the batch-mean loss, exactly.
+    model = f64(OneLayer(kind, 3, 4, 2, jr.key(3)))
+    xs, ys = data(3, 7, 3, 2, batch=3)
+    learner, _ = etrace.compile(model, xs[0, 0], state=jnp.zeros(4))
+    ts = learner.init(batch_size=3)
+    rows = et.assert_matches_bptt(learner, mse, model, ts, xs, ys)
+    assert rows["cell.input_gate.weight" if kind == "rglru" else "cell.w_f"][3] > 1e-8
+    # Not the gradient of one example: the batch is not a copy of it.
+    single, _ = etrace.bptt_grad(mse, model, jnp.zeros(4), xs[:, 0], ys[:, 0])
+    online, _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys)
+    assert max(leaf_errors(online, single).values()) > 1e-3
+
+
 class ELSTMBothStates(eqx.Module):
     """An eLSTM whose state is `(h, c)`, as for `eqx.nn.LSTMCell`."""
 

@@ -50,8 +50,8 @@ class RGLRU(eqx.Module):
     in log space, $\log a_t = -c\, r_t\, \operatorname{softplus}(-\Lambda)$, as in
     the paper. Griffin applies the RG-LRU to the output $\tilde x_t$ of a linear
     layer (and a short convolution, not included here) and computes its gates from
-    $\tilde x_t$; here the gates read the cell's input $x_t$ directly (the same
-    function class: $W_a \tilde x_t = (W_a W) x_t$ plus a bias), so that every
+    $\tilde x_t$; here the gates read the cell's input $x_t$ directly (a class that
+    contains Griffin's gates: $W_a \tilde x_t = (W_a W) x_t + W_a b$), so that every
     weight reads the input only and input and hidden sizes may differ.
 
     **Arguments:**
