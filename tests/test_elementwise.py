@@ -88,8 +88,8 @@ def _gates(cell, x, s):
 
 
 def _unsaturated(cells, model, state, xs):
-    """The fraction of gate values in (0.05, 0.95) over the sequence, for the cells
-    `cells(model)` fed by `inputs(x, states)`."""
+    """The fraction of gate values in (0.05, 0.95) over the sequence, for each
+    `(cell, inputs, previous states)` that `cells(model, xs, states)` lists."""
 
     def body(s, x):
         _, new = model(x, s)

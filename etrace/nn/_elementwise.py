@@ -391,8 +391,10 @@ class ELSTM(eqx.Module):
 
 class Block(eqx.nn.StatefulLayer):
     r"""A residual block of a deep online model: a normalised element-wise recurrent
-    layer, then a normalised gated MLP, each on a residual branch (the block of
-    Griffin and of the minimal RNNs' experiments).
+    layer, then a normalised gated MLP, each on a residual branch. This is Griffin's
+    residual block (De et al. 2024, Section 2.1) with the recurrent layer in place of
+    its temporal-mixing block (whose convolution and output gate are left out) and
+    layer norms in place of its RMS norms.
 
     $$u_t = x_t + \operatorname{rnn}(\operatorname{LN}(x_t), s_{t-1}), \qquad
       y_t = u_t + W_{\text{down}}\bigl(\operatorname{GeLU}(W_1 v_t) \odot W_2 v_t\bigr),
