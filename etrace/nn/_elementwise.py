@@ -1,5 +1,5 @@
-"""Gated recurrent layers with an element-wise recurrence whose gates read only the
-input: RG-LRU, minGRU, minLSTM and eLSTM.
+"""Gated recurrent layers with an element-wise recurrence whose weight matrices read
+only the input: RG-LRU, minGRU, minLSTM and eLSTM, and a residual block to stack them.
 
 On each of these one layer's D-RTRL is exact RTRL: the hidden-to-hidden Jacobian is
 diagonal, so the diagonal traces drop nothing.
