@@ -415,8 +415,9 @@ class Block(eqx.nn.StatefulLayer):
     **Arguments:**
 
     - `cell`: the recurrent layer, `RGLRU`, `MinGRU`, `MinLSTM`, `ELSTM` or any
-        cell called as `cell(x, h) -> h` (or `-> (h, state)`) with
-        `input_size == hidden_size`.
+        cell with `input_size == hidden_size` called as `cell(x, s) -> h` with the
+        new state `h`, or `cell(x, s) -> (h, s)` like `ELSTM`, where the state `s`
+        is one array of shape `(hidden_size,)` (so not `eqx.nn.LSTMCell`).
     - `expansion`: the MLP's hidden width as a multiple of the cell's width
         (default 2).
     - `gated`: a gated MLP (GLU with GeLU, default) or a plain one.
