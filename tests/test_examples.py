@@ -7,6 +7,7 @@ import pathlib
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 
@@ -428,3 +429,19 @@ def test_results_page_smoke(tmp_path):
     rows = [line for line in page.splitlines() if line.startswith("| D-RTRL")]
     assert len(rows) == 1 and rows[0].count("|") == head.count("|")
     assert "| BPTT |" in page
+
+
+def test_deep_stack_smoke():
+    pytest.importorskip("optax")
+    pytest.importorskip("sklearn")
+    module = _load("examples/deep_stack.py")
+    sizes = "--steps 3 --batch 8 --width 8 --depths 1 --cell minlstm".split()
+    results = module.main(sizes)
+    assert set(results) == {1} and set(results[1]) == {"d_rtrl", "bptt"}
+    for r in results[1].values():
+        assert 0 <= r["accuracy"] <= 1
+        assert len(r["losses"]) == 3 and np.isfinite(r["losses"]).all()
+        assert r["memory_bytes"] > 0
+    # The first step starts from the same network and batch: the same loss.
+    first = [r["losses"][0] for r in results[1].values()]
+    assert abs(first[0] - first[1]) < 1e-5

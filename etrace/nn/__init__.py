@@ -6,6 +6,13 @@ in an `eqx.nn.State`, and simple recurrent cells in the convention of
 """
 
 from ._cells import DiagonalLinearCell as DiagonalLinearCell, ElmanCell as ElmanCell
+from ._elementwise import (
+    Block as Block,
+    ELSTM as ELSTM,
+    MinGRU as MinGRU,
+    MinLSTM as MinLSTM,
+    RGLRU as RGLRU,
+)
 from ._neurons import (
     AbstractSpikingNeuron as AbstractSpikingNeuron,
     ALIF as ALIF,
