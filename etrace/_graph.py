@@ -56,6 +56,12 @@ class Group:
     dtype: Any
     coupling: tuple[tuple[bool, ...], ...] | None = None
 
+    @property
+    def parts(self) -> int:
+        """Real numbers per value: 2 for a complex dtype (real and imaginary parts),
+        else 1."""
+        return 2 if jnp.issubdtype(self.dtype, jnp.complexfloating) else 1
+
     def couples(self, k: int, j: int) -> bool:
         """Whether `D[:, k, j]` can be non-zero (see `coupling`)."""
         return self.coupling is None or self.coupling[k][j]
@@ -174,6 +180,13 @@ class Unit:
         """The number of states per neuron of the unit's group."""
         return self.group.k
 
+    @property
+    def dtype(self) -> Any:
+        """The dtype of the unit's traces (`Df` and what it multiplies): the site's
+        output dtype promoted with the group's, so a real weight output that feeds
+        a complex hidden state has complex traces."""
+        return jnp.result_type(self.site.dtype, self.group.dtype)
+
     def gather(self, a: Any, axis: int = 0) -> Any:
         """`a[nmap]` along `axis`: per-neuron values (`D`, the learning signal) taken
         to each canonical output, shape `a.shape[:axis] + (B, Fw, Fx) +
@@ -215,9 +228,11 @@ class Graph:
 
     - `groups`: the hidden groups, in state-leaf order.
     - `units`: the traced (site, group) pairs, grouped by group in that order.
-    - `hidden_size`: the number of hidden values of all groups together (the length
-        of the hidden vector that whole-state algorithms such as `RTRL` use, in group
-        order, each leaf flattened).
+    - `hidden_size`: the number of real hidden values of all groups together (the
+        length of the hidden vector that whole-state algorithms such as `RTRL` use,
+        in group order, each leaf flattened; a complex leaf counts twice, as its real
+        parts followed by its imaginary parts, so that the whole-state Jacobians are
+        real and exact for any complex update).
     - `params`: for whole-state algorithms, `(path, shape, dtype)` of every parameter
         that reaches a hidden state, by any path.
     - `downstream`: per group name, the names of the other hidden groups whose update

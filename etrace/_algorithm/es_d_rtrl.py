@@ -82,7 +82,7 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
         s = unit.site
         return (
             jnp.zeros((s.b, s.fx, s.c), s.dtype),
-            jnp.zeros((s.b, s.fw, s.fx, unit.k), s.dtype),
+            jnp.zeros((s.b, s.fw, s.fx, unit.k), unit.dtype),
         )
 
     def update_unit(self, unit, trace, D, Df, x):

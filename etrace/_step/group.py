@@ -41,9 +41,18 @@ def _flat(a: Any) -> Any:
     return jnp.reshape(a, (-1,))
 
 
+def as_dtype(g: Any, dtype: Any) -> Any:
+    """A gradient in the dtype of its parameter: the real part for a real
+    parameter (in JAX's convention a real parameter's gradient through complex
+    values is the real part of the complex product)."""
+    if jnp.iscomplexobj(g) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        g = jnp.real(g)
+    return g.astype(dtype)
+
+
 def _to_weights(units, grads, dtypes) -> list[Any]:
     return [
-        u.site.weight_from_canonical(grads[u.name]).astype(dt)
+        as_dtype(u.site.weight_from_canonical(grads[u.name]), dt)
         for u, dt in zip(units, dtypes)
     ]
 

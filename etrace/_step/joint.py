@@ -18,6 +18,7 @@ import jax.tree_util as jtu
 
 from .. import _ir
 from .._analysis import Compiled
+from .group import as_dtype
 from .hooks import gradient_hook, summed_over_batch
 from .jacobians import (
     full_jacobians,
@@ -33,11 +34,17 @@ _sg = jax.lax.stop_gradient
 
 def _joint_hook(algorithm: Any, graph: Any, dtypes: list[Any], summed: bool):
     def signal(cot):
-        return {"hidden": jnp.concatenate([jnp.reshape(c, (-1,)) for c in cot])}
+        # A complex value `z = u + iv` with cotangent `c` changes the loss by
+        # `Re(c dz) = Re(c) du - Im(c) dv`: its parts' cotangents.
+        flat = []
+        for c in cot:
+            c = jnp.reshape(c, (-1,))
+            flat += [jnp.real(c), -jnp.imag(c)] if jnp.iscomplexobj(c) else [c]
+        return {"hidden": jnp.concatenate(flat)}
 
     def to_params(grads):
         return [
-            grads[path].astype(dt) for (path, _, _), dt in zip(graph.params, dtypes)
+            as_dtype(grads[path], dt) for (path, _, _), dt in zip(graph.params, dtypes)
         ]
 
     def read_out(traces, jac, cot, anchor_cot):

@@ -29,8 +29,7 @@ def diagonal_init(
     (`(B, C, Fw, Fx)` if `turned`), `None` for the states in `untraced`."""
     shape = turned_shape(unit.shape) if turned else unit.shape
     return tuple(
-        None if k in untraced else jnp.zeros(shape, unit.site.dtype)
-        for k in range(unit.k)
+        None if k in untraced else jnp.zeros(shape, unit.dtype) for k in range(unit.k)
     )
 
 

@@ -32,7 +32,7 @@ def sparse_init(
     state, `None` for the states in `untraced`."""
     nnz = len(nonzeros(unit)[0])
     return tuple(
-        None if k in untraced else jnp.zeros((nnz, unit.site.fx), unit.site.dtype)
+        None if k in untraced else jnp.zeros((nnz, unit.site.fx), unit.dtype)
         for k in range(unit.k)
     )
 
