@@ -30,7 +30,7 @@ from .._graph import Graph, Group
 from .._kernels import turned_product
 from . import chunk
 from .hooks import gradient_hook, output_hook, summed_over_batch
-from .jacobians import diagonal_blocks, group_jacobians, Jacobians
+from .jacobians import as_dtype, diagonal_blocks, group_jacobians, Jacobians
 from .options import ChunkIO, StepOptions
 
 
@@ -39,15 +39,6 @@ _sg = jax.lax.stop_gradient
 
 def _flat(a: Any) -> Any:
     return jnp.reshape(a, (-1,))
-
-
-def as_dtype(g: Any, dtype: Any) -> Any:
-    """A gradient in the dtype of its parameter: the real part for a real
-    parameter (in JAX's convention a real parameter's gradient through complex
-    values is the real part of the complex product)."""
-    if jnp.iscomplexobj(g) and not jnp.issubdtype(dtype, jnp.complexfloating):
-        g = jnp.real(g)
-    return g.astype(dtype)
 
 
 def _to_weights(units, grads, dtypes) -> list[Any]:

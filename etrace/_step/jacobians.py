@@ -86,6 +86,16 @@ class NotFormed(eqx.Module):
     __mul__ = __rmul__ = __truediv__ = __rtruediv__ = __neg__ = _refuse
 
 
+def as_dtype(a: Any, dtype: Any) -> Any:
+    """`a` in `dtype`, by its real part where `a` is complex and `dtype` real: in
+    JAX's convention the gradient of a real parameter through complex values, and
+    the derivative of a real value by a real one, are the real parts of the
+    complex products."""
+    if jnp.iscomplexobj(a) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        a = jnp.real(a)
+    return a.astype(dtype)
+
+
 def _ones_per_state(k: int, hs: list[Any], dtype: Any) -> list[Any]:
     """`K` stacked cotangents, the `i`-th ones on state `i` and zeros elsewhere."""
     eye = jnp.eye(k, dtype=dtype)
@@ -305,6 +315,6 @@ def diagonal_blocks(compiled: Compiled, dyn_leaves, state_leaves, x_leaves):
     for g in compiled.graph.groups:
         n, k = g.n, g.k
         block = J[start : start + n * k, start : start + n * k].reshape(k, n, k, n)
-        out[g.name] = jnp.einsum("anbn->nab", block)
+        out[g.name] = as_dtype(jnp.einsum("anbn->nab", block), g.dtype)
         start += n * k
     return out

@@ -18,9 +18,9 @@ import jax.tree_util as jtu
 
 from .. import _ir
 from .._analysis import Compiled
-from .group import as_dtype
 from .hooks import gradient_hook, summed_over_batch
 from .jacobians import (
+    as_dtype,
     full_jacobians,
     hidden_leaves,
     Jacobians,
