@@ -240,3 +240,42 @@ def test_batched_complex_traces_equal_a_loop_over_examples(name):
     ]
     mean = jax.tree.map(lambda *g: sum(g) / 3, *loop)
     assert max(leaf_errors(batched, mean).values()) <= 1e-9
+
+
+class _Conjugated(Diagonal):
+    """`h = lam h + B x + 0.3 conj(h)`: element-wise, but not holomorphic in `h`."""
+
+    def __call__(self, x, h):
+        h = self.lam() * h + self.drive(x, h.dtype) + 0.3 * jnp.conj(h)
+        return jnp.real((self.c_re + 1j * self.c_im) @ h), h
+
+
+class _Modulus(Diagonal):
+    """An update that reads the modulus of the state it updates."""
+
+    def __call__(self, x, h):
+        h = self.lam() * h / (1 + jnp.abs(h)) + self.drive(x, h.dtype)
+        return jnp.real((self.c_re + 1j * self.c_im) @ h), h
+
+
+@pytest.mark.parametrize(
+    "cls, match", [(_Conjugated, "`conj`"), (_Modulus, "`abs`")], ids=["conj", "abs"]
+)
+def test_per_group_algorithms_refuse_a_complex_update_that_is_not_holomorphic(
+    cls, match
+):
+    model = cls(jax.random.key(0), "paper")
+    x0 = jnp.zeros(N_IN)
+    for algorithm in (etrace.D_RTRL(), etrace.ES_D_RTRL(decay=0.5), etrace.EProp()):
+        with pytest.raises(
+            etrace.EtraceError, match=f"group `state` is not holo.*{match}"
+        ):
+            etrace.compile(model, x0, state=_state(model), algorithm=algorithm)
+
+
+@pytest.mark.parametrize("cls", [_Conjugated, _Modulus], ids=["conj", "abs"])
+def test_rtrl_follows_real_and_imaginary_parts_through_any_update(cls):
+    # What the refusal protects against: D-RTRL's complex derivative would be
+    # wrong here (relative error about 1 on `_Conjugated`).
+    errors, _ = _errors(cls(jax.random.key(0), "paper"), etrace.RTRL())
+    assert max(errors.values()) <= 1e-9, errors

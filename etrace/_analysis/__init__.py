@@ -31,6 +31,7 @@ from .classify import Classified, classify
 from .compiled import Compiled, Joint
 from .connections import connections
 from .dependency import dependency_pattern
+from .holomorphic import check_holomorphic as check_holomorphic
 from .locality import find_tail, locality
 from .model import (
     initial_state as initial_state,
