@@ -94,6 +94,11 @@ class JointStep:
     def read_live(self, a: _ir.Operand) -> Any:
         if isinstance(a, _ir.Lit):
             return a.val
+        if a in self.hooked:
+            # A new hidden value, read on the way to a value recomputed with live
+            # parameters (`W @ h1` read by the output and by the next layer): its
+            # gradient is the traces', as for any other reader of it.
+            return self.hooked[a]
         p = self.c.program.producer.get(a)
         if p is None or p not in self.c.joint.upstream or a in self.c.joint.param_only:
             return self.main[a]

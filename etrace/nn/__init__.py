@@ -6,6 +6,7 @@ in an `eqx.nn.State`, and simple recurrent cells in the convention of
 """
 
 from ._cells import DiagonalLinearCell as DiagonalLinearCell, ElmanCell as ElmanCell
+from ._lru import LRU as LRU
 from ._neurons import (
     AbstractSpikingNeuron as AbstractSpikingNeuron,
     ALIF as ALIF,
