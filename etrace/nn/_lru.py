@@ -23,14 +23,15 @@ def _check_ring(r_min: Any, r_max: Any, max_phase: Any) -> None:
     if not 0 < max_phase <= 2 * math.pi:
         raise EtraceError(
             "`max_phase` must be in (0, 2 pi] (the initial eigenvalues' phases are "
-            f"drawn uniformly in [0, max_phase]), got {max_phase!r}."
+            f"drawn uniformly in (0, max_phase]), got {max_phase!r}."
         )
 
 
 class LRU(eqx.Module):
     r"""One step of a linear recurrent unit (LRU), a complex diagonal recurrence
     (Orvieto et al. 2023, "Resurrecting Recurrent Neural Networks for Long
-    Sequences", ICML; equations (3)-(7) and Appendix A).
+    Sequences", ICML, Section 3: the complex diagonal recurrence, its stable
+    exponential parametrisation and the normalisation $\gamma$).
 
     $$h' = \lambda \odot h + \gamma \odot (B x), \qquad
       \lambda = e^{-e^{\nu} + i e^{\theta}}, \qquad
@@ -53,15 +54,17 @@ class LRU(eqx.Module):
     The paper's surrounding block (normalisation, a non-linearity, a residual
     connection) is left to the model.
 
-    **Initialisation** (Appendix A): $\lambda$ uniform on the ring
+    **Initialisation** (as in the paper's reference code): $\lambda$ uniform on the ring
     $r_{\min} \le |\lambda| \le r_{\max}$ (uniform in area) with phase uniform in
-    $(0, \text{max\_phase}]$; $B_{re}, B_{im} \sim \mathcal{N}(0, 1 / (2H))$;
+    $(0, \phi_{\max}]$ ($\phi_{\max}$ is `max_phase`);
+    $B_{re}, B_{im} \sim \mathcal{N}(0, 1 / (2H))$;
     $C_{re}, C_{im} \sim \mathcal{N}(0, 1 / N)$; $D \sim \mathcal{N}(0, 1)$.
 
     **Online learning.** The recurrence is element-wise and holomorphic in $h$, so
-    on one LRU layer fed by the input D-RTRL equals BPTT: $\nu$, $\theta$ and
-    $\gamma_{\log}$ get element-wise traces, $B$ one complex matrix trace (the
-    weight $\gamma \odot (B_{re} + i B_{im})$ of one product), and $C$, $D$ the
+    on one LRU layer fed by the input D-RTRL equals BPTT: $\nu$ and $\theta$
+    share an element-wise trace (of $\lambda$), $B_{re}$, $B_{im}$ and
+    $\gamma_{\log}$ one complex matrix trace (of the weight
+    $\gamma \odot (B_{re} + i B_{im})$ of one product), and $C$, $D$ the
     gradient of the step (they reach no hidden state).
 
     **Arguments:**
