@@ -37,7 +37,9 @@ class Group:
     - `shapes`: the shapes of those leaves (all of `n` elements).
     - `n`: number of neurons (elements per leaf).
     - `k`: number of states per neuron.
-    - `dtype`: the dtype of its leaves.
+    - `dtype`: the dtype of its leaves, promoted over them: complex where any leaf
+        is (a complex recurrence and a real state reading its real part).
+    - `dtypes`: the dtype of each leaf; `None` (the default) where all are `dtype`.
     - `coupling`: the structural pattern of the diagonal Jacobian `D`:
         `coupling[k][j]` is `False` where the new value of state `k` cannot depend
         on the previous value of state `j` (no path between them in the update, or
@@ -55,12 +57,20 @@ class Group:
     k: int
     dtype: Any
     coupling: tuple[tuple[bool, ...], ...] | None = None
+    dtypes: tuple[Any, ...] | None = None
+
+    def leaf_dtype(self, k: int) -> Any:
+        """The dtype of state `k`."""
+        return self.dtype if self.dtypes is None else self.dtypes[k]
 
     @property
     def parts(self) -> int:
-        """Real numbers per value: 2 for a complex dtype (real and imaginary parts),
-        else 1."""
-        return 2 if jnp.issubdtype(self.dtype, jnp.complexfloating) else 1
+        """Real numbers per neuron, over its states: 2 for a complex state (real and
+        imaginary parts), 1 for a real one."""
+        return sum(
+            2 if jnp.issubdtype(self.leaf_dtype(k), jnp.complexfloating) else 1
+            for k in range(self.k)
+        )
 
     def couples(self, k: int, j: int) -> bool:
         """Whether `D[:, k, j]` can be non-zero (see `coupling`)."""

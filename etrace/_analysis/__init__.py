@@ -90,7 +90,7 @@ def _graph(step, classified, local, found, regs, joint, links) -> Graph:
     return Graph(
         groups=groups,
         units=found.units,
-        hidden_size=sum(g.n * g.k * g.parts for g in groups),
+        hidden_size=sum(g.n * g.parts for g in groups),
         params=tuple(
             (layout.paths[i], tuple(layout.avals[i].shape), layout.avals[i].dtype)
             for i in joint.params

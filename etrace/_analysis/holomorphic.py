@@ -56,17 +56,39 @@ def _what(eqn: Any, program: Any) -> str | None:
     return None
 
 
+def _reached(program: Any, tail: list[int], sources: set[int]) -> set[int]:
+    """The variables of the update `tail` (in program order) that depend on
+    `sources`."""
+    reached = set(sources)
+    for i in tail:
+        eqn = program.eqns[i]
+        if any(isinstance(a, int) and a in reached for a in eqn.ins):
+            reached.update(eqn.outs)
+    return reached
+
+
 def check_holomorphic(compiled: Compiled, algorithm: str) -> None:
     """Raises an `EtraceError` naming the equation where a complex group's update
-    is not holomorphic."""
+    is not holomorphic in what its complex states read, or naming the real state
+    through which a complex state would read back a real part of itself."""
     program = compiled.program
     for g, group in enumerate(compiled.graph.groups):
         if not _is_complex(group):
             continue
-        for i in compiled.regions.group_tail[g]:
+        tail = sorted(compiled.regions.group_tail[g])
+        sinks = compiled.regions.sinks[g]
+        complex_k = [
+            k
+            for k in range(group.k)
+            if jnp.issubdtype(group.leaf_dtype(k), jnp.complexfloating)
+        ]
+        complex_sinks = {sinks[k] for k in complex_k if isinstance(sinks[k], int)}
+        for i in tail:
             eqn = program.eqns[i]
             what = _what(eqn, program)
-            if what is not None:
+            if what is not None and _reached(program, tail, set(eqn.outs)) & (
+                complex_sinks
+            ):
                 raise EtraceError(
                     _MESSAGE.format(
                         group=group.name,
@@ -75,3 +97,48 @@ def check_holomorphic(compiled: Compiled, algorithm: str) -> None:
                         algorithm=algorithm,
                     )
                 )
+        _check_mixed(compiled, g, tail, complex_k, complex_sinks, algorithm)
+
+
+_MIXED = (
+    "In the hidden group `{group}` the complex state `{complex}` reads the previous "
+    "value of the real state `{real}`, which itself reads a complex value (its real "
+    "part, imaginary part or modulus). {algorithm} keeps one complex trace per state "
+    "and takes a real state's real part only where it is read out, so this loop "
+    "back into a complex state would be silently wrong. Keep the real states "
+    "downstream of the complex ones (a complex recurrence read out through its real "
+    "part), move the real state into a layer of its own (read through a weight), "
+    "or use a whole-state algorithm: `etrace.RTRL()`, `etrace.SnAp(n)` or "
+    "`etrace.UORO()`."
+)
+
+
+def _check_mixed(compiled, g, tail, complex_k, complex_sinks, algorithm) -> None:
+    """A real state of a complex group keeps a complex trace whose real part is
+    the true one. That is exact while no complex state reads it back, unless the
+    real state reads nothing complex (its trace is then real)."""
+    program = compiled.program
+    group = compiled.graph.groups[g]
+    sinks = compiled.regions.sinks[g]
+    complex_vars = {
+        v
+        for i in tail
+        for v in (*program.eqns[i].ins, *program.eqns[i].outs)
+        if isinstance(v, int) and _is_complex(program.avals[v])
+    }
+    tainted = _reached(program, tail, complex_vars)
+    for k in range(group.k):
+        if k in complex_k or sinks[k] not in tainted:
+            continue
+        prev = compiled.state_vars[group.leaves[k]]
+        read_by = _reached(program, tail, {prev}) & complex_sinks
+        if read_by:
+            first = next(c for c in complex_k if sinks[c] in read_by)
+            raise EtraceError(
+                _MIXED.format(
+                    group=group.name,
+                    complex=group.leaf_names[first],
+                    real=group.leaf_names[k],
+                    algorithm=algorithm,
+                )
+            )

@@ -96,11 +96,14 @@ def as_dtype(a: Any, dtype: Any) -> Any:
     return a.astype(dtype)
 
 
-def _ones_per_state(k: int, hs: list[Any], dtype: Any) -> list[Any]:
-    """`K` stacked cotangents, the `i`-th ones on state `i` and zeros elsewhere."""
-    eye = jnp.eye(k, dtype=dtype)
+def _ones_per_state(k: int, hs: list[Any]) -> list[Any]:
+    """`K` stacked cotangents, the `i`-th ones on state `i` and zeros elsewhere
+    (each in its state's dtype)."""
+    eye = jnp.eye(k)
     return [
-        jnp.broadcast_to(eye[:, i].reshape((k,) + (1,) * h.ndim), (k,) + h.shape)
+        jnp.broadcast_to(
+            eye[:, i].reshape((k,) + (1,) * h.ndim).astype(h.dtype), (k,) + h.shape
+        )
         for i, h in enumerate(hs)
     ]
 
@@ -130,11 +133,11 @@ def group_jacobians(
     hs = [jnp.asarray(h) for h in prev]
     _, pullback = jax.vjp(update, hs, site_vals)
     k = group.k
-    ones = _ones_per_state(k, hs, group.dtype)
+    ones = _ones_per_state(k, hs)
     dhs, dys = jax.vmap(pullback)(ones)
     if jnp.issubdtype(group.dtype, jnp.complexfloating):
-        dys = _complex_derivatives(pullback, ones, site_vals, dys)
-    D = jnp.stack([jnp.reshape(d, (k, -1)).T for d in dhs], axis=-1)
+        dhs, dys = _complex_derivatives(pullback, ones, hs, site_vals, dhs, dys)
+    D = jnp.stack([jnp.reshape(d, (k, -1)).T.astype(group.dtype) for d in dhs], axis=-1)
     Df = [
         jnp.moveaxis(jax.vmap(u.site.canonical_y)(dy).astype(u.dtype), 0, -1)
         for u, dy in zip(units, dys)
@@ -142,22 +145,28 @@ def group_jacobians(
     return D, Df
 
 
-def _complex_derivatives(pullback, ones, site_vals, dys) -> list[Any]:
-    """The derivatives of complex states with respect to real weight outputs.
+def _complex_derivatives(pullback, ones, hs, site_vals, dhs, dys):
+    """The derivatives of complex states with respect to real inputs (previous
+    real states, real weight outputs).
 
     A pullback gives the cotangent `c` of a value `z` in JAX's convention, where a
     change `dz` changes the loss by `Re(c dz)`. For a complex state that depends
     holomorphically on a complex input (as `lam * h + y`) the cotangent of ones is
     the derivative itself. For a real input `y` it is only the derivative's real
     part; the cotangent of `1j` gives minus its imaginary part, so the derivative
-    is `pull(1) - 1j pull(1j)`."""
-    real = [not jnp.iscomplexobj(y) for y in site_vals]
-    if not any(real):
-        return dys
-    _, dys_i = jax.vmap(pullback)([1j * o for o in ones])
-    return [
-        dy - 1j * dy_i if is_real else dy for dy, dy_i, is_real in zip(dys, dys_i, real)
-    ]
+    is `pull(1) - 1j pull(1j)`. (A real state's cotangent stays real: zero in the
+    second pass.)"""
+    real_h = [not jnp.iscomplexobj(h) for h in hs]
+    real_y = [not jnp.iscomplexobj(y) for y in site_vals]
+    if not any(real_h) and not any(real_y):
+        return dhs, dys
+    second = [1j * o if jnp.iscomplexobj(o) else jnp.zeros_like(o) for o in ones]
+    dhs_i, dys_i = jax.vmap(pullback)(second)
+
+    def combine(ds, ds_i, real):
+        return [d - 1j * d_i if r else d for d, d_i, r in zip(ds, ds_i, real)]
+
+    return combine(dhs, dhs_i, real_h), combine(dys, dys_i, real_y)
 
 
 def hidden_leaves(compiled: Compiled) -> list[int]:
