@@ -356,3 +356,13 @@ def test_rtrl_follows_real_and_imaginary_parts_through_any_update(cls):
     # wrong here (relative error about 1 on `_Conjugated`).
     errors, _ = _errors(cls(jax.random.key(0), "paper"), etrace.RTRL())
     assert max(errors.values()) <= 1e-9, errors
+
+
+@pytest.mark.parametrize("kind", ["complex", "paper", "mixed_group"])
+def test_chunks_of_complex_traces_equal_bptt(kind):
+    model = _model(kind)
+    xs, ys = data(1, T, N_IN, N_OUT)
+    learner, ts = etrace.compile(model, xs[0], state=_state(model))
+    grads, _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys, chunk=4)
+    exact, _ = etrace.bptt_grad(mse, model, _state(model), xs, ys)
+    assert max(leaf_errors(grads, exact).values()) <= 1e-9
