@@ -37,7 +37,9 @@ class Group:
     - `shapes`: the shapes of those leaves (all of `n` elements).
     - `n`: number of neurons (elements per leaf).
     - `k`: number of states per neuron.
-    - `dtype`: the dtype of its leaves.
+    - `dtype`: the dtype of its leaves, promoted over them: complex where any leaf
+        is (a complex recurrence and a real state reading its real part).
+    - `dtypes`: the dtype of each leaf; `None` (the default) where all are `dtype`.
     - `coupling`: the structural pattern of the diagonal Jacobian `D`:
         `coupling[k][j]` is `False` where the new value of state `k` cannot depend
         on the previous value of state `j` (no path between them in the update, or
@@ -55,6 +57,20 @@ class Group:
     k: int
     dtype: Any
     coupling: tuple[tuple[bool, ...], ...] | None = None
+    dtypes: tuple[Any, ...] | None = None
+
+    def leaf_dtype(self, k: int) -> Any:
+        """The dtype of state `k`."""
+        return self.dtype if self.dtypes is None else self.dtypes[k]
+
+    @property
+    def parts(self) -> int:
+        """Real numbers per neuron, over its states: 2 for a complex state (real and
+        imaginary parts), 1 for a real one."""
+        return sum(
+            2 if jnp.issubdtype(self.leaf_dtype(k), jnp.complexfloating) else 1
+            for k in range(self.k)
+        )
 
     def couples(self, k: int, j: int) -> bool:
         """Whether `D[:, k, j]` can be non-zero (see `coupling`)."""
@@ -174,6 +190,13 @@ class Unit:
         """The number of states per neuron of the unit's group."""
         return self.group.k
 
+    @property
+    def dtype(self) -> Any:
+        """The dtype of the unit's traces (`Df` and what it multiplies): the site's
+        output dtype promoted with the group's, so a real weight output that feeds
+        a complex hidden state has complex traces."""
+        return jnp.result_type(self.site.dtype, self.group.dtype)
+
     def gather(self, a: Any, axis: int = 0) -> Any:
         """`a[nmap]` along `axis`: per-neuron values (`D`, the learning signal) taken
         to each canonical output, shape `a.shape[:axis] + (B, Fw, Fx) +
@@ -215,9 +238,11 @@ class Graph:
 
     - `groups`: the hidden groups, in state-leaf order.
     - `units`: the traced (site, group) pairs, grouped by group in that order.
-    - `hidden_size`: the number of hidden values of all groups together (the length
-        of the hidden vector that whole-state algorithms such as `RTRL` use, in group
-        order, each leaf flattened).
+    - `hidden_size`: the number of real hidden values of all groups together (the
+        length of the hidden vector that whole-state algorithms such as `RTRL` use,
+        in group order, each leaf flattened; a complex leaf counts twice, as its real
+        parts followed by its imaginary parts, so that the whole-state Jacobians are
+        real and exact for any complex update).
     - `params`: for whole-state algorithms, `(path, shape, dtype)` of every parameter
         that reaches a hidden state, by any path.
     - `downstream`: per group name, the names of the other hidden groups whose update

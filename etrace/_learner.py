@@ -18,6 +18,7 @@ from ._algorithm.base import AbstractAlgorithm
 from ._algorithm.d_rtrl import D_RTRL
 from ._analysis import (
     analyse,
+    check_holomorphic,
     Compiled,
     initial_state,
     keystr,
@@ -702,6 +703,7 @@ def compile(
     state = initial_state(model, state)
     compiled = analyse(model, sample_input, state)
     if algorithm.routing == "group":
+        check_holomorphic(compiled, type(algorithm).__name__)
         warn_one_step(compiled)
     learner = Learner(algorithm, compiled, _clone(state), bool(check_finite))
     return learner, learner.init()

@@ -306,7 +306,7 @@ def _chunk_run(learner, loss_fn, model, turned, batched, size, options):
     out its gradient (`Chunk.FLUSH`)."""
     lead = (size,) if batched else ()
     probes = {  # one per state, as the learning signal is recorded
-        g.name: tuple(jnp.zeros(lead + (g.n,), g.dtype) for _ in range(g.k))
+        g.name: tuple(jnp.zeros(lead + (g.n,), g.leaf_dtype(k)) for k in range(g.k))
         for g in learner.graph.groups
     }
     collect_loss = _step_loss(

@@ -418,7 +418,8 @@ class AbstractUnitAlgorithm(AbstractAlgorithm):
         **Arguments:**
 
         - `unit`: the unit; `unit.shape` is its canonical `(B, Fw, Fx, C)`, `unit.k`
-            the states per neuron and `unit.site.dtype` the dtype.
+            the states per neuron and `unit.dtype` the dtype of its traces
+            (complex where the site or its hidden group is).
 
         **Returns:**
 

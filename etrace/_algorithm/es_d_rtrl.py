@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Inexact
 
 from .._errors import EtraceError
 from .._graph import Graph, Unit
@@ -78,11 +78,11 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
 
     def init_unit(
         self, unit: Unit
-    ) -> tuple[Float[Array, "b f c"], Float[Array, "b w f k"]]:
+    ) -> tuple[Inexact[Array, "b f c"], Inexact[Array, "b w f k"]]:
         s = unit.site
         return (
             jnp.zeros((s.b, s.fx, s.c), s.dtype),
-            jnp.zeros((s.b, s.fw, s.fx, unit.k), s.dtype),
+            jnp.zeros((s.b, s.fw, s.fx, unit.k), unit.dtype),
         )
 
     def update_unit(self, unit, trace, D, Df, x):

@@ -90,7 +90,7 @@ class OTPE(AbstractUnitAlgorithm):
         for u in graph.units:
             s = u.site
             z = jnp.zeros((s.b, s.fx, s.c), s.dtype)
-            S = jnp.zeros((s.b, s.fw, s.fx, u.k), s.dtype)
+            S = jnp.zeros((s.b, s.fw, s.fx, u.k), u.dtype)
             post = bool(graph.downstream.get(u.group.name))
             out[u.name] = (z, z, S) if post else (z, S)
         return out

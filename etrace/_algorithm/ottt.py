@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Inexact
 
 from .._errors import EtraceError
 from .._graph import Unit
@@ -64,7 +64,7 @@ class OTTT(AbstractUnitAlgorithm):
             "reset and that leak); that is not checked here",
         )
 
-    def init_unit(self, unit: Unit) -> Float[Array, "b f c"]:
+    def init_unit(self, unit: Unit) -> Inexact[Array, "b f c"]:
         s = unit.site
         return jnp.zeros((s.b, s.fx, s.c), s.dtype)
 

@@ -49,7 +49,10 @@ class UORO(AbstractAlgorithm):
     dense_jacobians: ClassVar[bool] = False
 
     def init(self, graph: Graph):
-        dtype = graph.groups[0].dtype if graph.groups else jnp.result_type(float)
+        # The whole-state hidden vector is real (complex values by their parts).
+        dtype = jnp.finfo(
+            jnp.result_type(*(g.dtype for g in graph.groups)) if graph.groups else float
+        ).dtype
         return {
             "key": jr.key_data(jr.key(self.seed)),
             "s": jnp.zeros((graph.hidden_size,), dtype),

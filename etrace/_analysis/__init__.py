@@ -31,6 +31,7 @@ from .classify import Classified, classify
 from .compiled import Compiled, Joint
 from .connections import connections
 from .dependency import dependency_pattern
+from .holomorphic import check_holomorphic as check_holomorphic
 from .locality import find_tail, locality
 from .model import (
     initial_state as initial_state,
@@ -110,7 +111,7 @@ def _graph(step, classified, local, found, regs, joint, links) -> Graph:
     return Graph(
         groups=groups,
         units=found.units,
-        hidden_size=sum(g.n * g.k for g in groups),
+        hidden_size=sum(g.n * g.parts for g in groups),
         params=tuple(
             (layout.paths[i], tuple(layout.avals[i].shape), layout.avals[i].dtype)
             for i in joint.params

@@ -230,10 +230,33 @@ def dependency_pattern(step, program, joint, groups) -> tuple[Any, dict[str, Any
         if rows
         else sparse.csc_matrix((0, n_sources), dtype=bool)
     )
-    J = sparse.csr_matrix(full[:, :n_hidden])
+    parts = _parts(step, hidden, sizes)
+    J = sparse.csr_matrix(parts @ full[:, :n_hidden].astype(np.int32) @ parts.T)
+    J = J.astype(bool)
     immediate = {}
     start = n_hidden
     for i, size in zip(params, p_sizes):
-        immediate[layout.paths[i]] = sparse.csr_matrix(full[:, start : start + size])
+        block = parts @ full[:, start : start + size].astype(np.int32)
+        immediate[layout.paths[i]] = sparse.csr_matrix(block).astype(bool)
         start += size
     return J, immediate
+
+
+def _parts(step, hidden: list[int], sizes: list[int]) -> Any:
+    """`(H_real, H)`: which hidden value each real hidden value is a part of (a
+    complex value has two, its real part in the leaf's first half of rows and its
+    imaginary part in the second; see `Graph.hidden_size`)."""
+    cols = []
+    offset = 0
+    for j, size in zip(hidden, sizes):
+        values = offset + np.arange(size)
+        complex_leaf = np.issubdtype(step.state_avals[j].dtype, np.complexfloating)
+        for _ in range(2 if complex_leaf else 1):
+            cols.append(values)
+        offset += size
+    cols_all = np.concatenate(cols) if cols else np.zeros(0, int)
+    rows = np.arange(cols_all.size)
+    return sparse.csr_matrix(
+        (np.ones(cols_all.size, np.int32), (rows, cols_all)),
+        shape=(cols_all.size, offset),
+    )

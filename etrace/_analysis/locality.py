@@ -322,13 +322,17 @@ def _groups(step: TracedStep, leaf_sets: list[tuple[int, ...]]) -> tuple[Group, 
     for leaves in leaf_sets:
         shapes = tuple(avals[j].shape for j in leaves)
         sizes = {int(np.prod(s, dtype=int)) for s in shapes}
-        dtypes = {avals[j].dtype for j in leaves}
-        if len(sizes) > 1 or len(dtypes) > 1:
+        dtypes = tuple(avals[j].dtype for j in leaves)
+        # Real and complex states of one precision may share a group (a complex
+        # recurrence and a real state reading its real part).
+        precisions = {jnp.finfo(d).dtype for d in dtypes}
+        if len(sizes) > 1 or len(precisions) > 1:
             desc = ", ".join(f"`{names[j]}` {_desc(avals[j])}" for j in leaves)
             raise EtraceError(
                 f"The state leaves {desc} interact element-wise, so they form one "
-                "hidden group, but they differ in size or dtype. Give every state "
-                "of a neuron the same shape and dtype (one leaf per state kind)."
+                "hidden group, but they differ in size or precision. Give every "
+                "state of a neuron the same shape and precision (one leaf per state "
+                "kind; real and complex states of one precision may mix)."
             )
         groups.append(
             Group(
@@ -338,7 +342,8 @@ def _groups(step: TracedStep, leaf_sets: list[tuple[int, ...]]) -> tuple[Group, 
                 shapes=shapes,
                 n=sizes.pop(),
                 k=len(leaves),
-                dtype=dtypes.pop(),
+                dtype=jnp.result_type(*dtypes),
+                dtypes=None if len(set(dtypes)) == 1 else dtypes,
             )
         )
     return tuple(groups)

@@ -30,7 +30,7 @@ from .._graph import Graph, Group
 from .._kernels import turned_product
 from . import chunk
 from .hooks import gradient_hook, output_hook, summed_over_batch
-from .jacobians import diagonal_blocks, group_jacobians, Jacobians
+from .jacobians import as_dtype, diagonal_blocks, group_jacobians, Jacobians
 from .options import ChunkIO, StepOptions
 
 
@@ -43,7 +43,7 @@ def _flat(a: Any) -> Any:
 
 def _to_weights(units, grads, dtypes) -> list[Any]:
     return [
-        u.site.weight_from_canonical(grads[u.name]).astype(dt)
+        as_dtype(u.site.weight_from_canonical(grads[u.name]), dt)
         for u, dt in zip(units, dtypes)
     ]
 

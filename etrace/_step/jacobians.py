@@ -92,11 +92,24 @@ class NotFormed(eqx.Module):
     __mul__ = __rmul__ = __truediv__ = __rtruediv__ = __neg__ = _refuse
 
 
-def _ones_per_state(k: int, hs: list[Any], dtype: Any) -> list[Any]:
-    """`K` stacked cotangents, the `i`-th ones on state `i` and zeros elsewhere."""
-    eye = jnp.eye(k, dtype=dtype)
+def as_dtype(a: Any, dtype: Any) -> Any:
+    """`a` in `dtype`, by its real part where `a` is complex and `dtype` real: in
+    JAX's convention the gradient of a real parameter through complex values, and
+    the derivative of a real value by a real one, are the real parts of the
+    complex products."""
+    if jnp.iscomplexobj(a) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        a = jnp.real(a)
+    return a.astype(dtype)
+
+
+def _ones_per_state(k: int, hs: list[Any]) -> list[Any]:
+    """`K` stacked cotangents, the `i`-th ones on state `i` and zeros elsewhere
+    (each in its state's dtype)."""
+    eye = jnp.eye(k)
     return [
-        jnp.broadcast_to(eye[:, i].reshape((k,) + (1,) * h.ndim), (k,) + h.shape)
+        jnp.broadcast_to(
+            eye[:, i].reshape((k,) + (1,) * h.ndim).astype(h.dtype), (k,) + h.shape
+        )
         for i, h in enumerate(hs)
     ]
 
@@ -126,13 +139,40 @@ def group_jacobians(
     hs = [jnp.asarray(h) for h in prev]
     _, pullback = jax.vjp(update, hs, site_vals)
     k = group.k
-    dhs, dys = jax.vmap(pullback)(_ones_per_state(k, hs, group.dtype))
-    D = jnp.stack([jnp.reshape(d, (k, -1)).T for d in dhs], axis=-1)
+    ones = _ones_per_state(k, hs)
+    dhs, dys = jax.vmap(pullback)(ones)
+    if jnp.issubdtype(group.dtype, jnp.complexfloating):
+        dhs, dys = _complex_derivatives(pullback, ones, hs, site_vals, dhs, dys)
+    D = jnp.stack([jnp.reshape(d, (k, -1)).T.astype(group.dtype) for d in dhs], axis=-1)
     Df = [
-        jnp.moveaxis(jax.vmap(u.site.canonical_y)(dy).astype(u.site.dtype), 0, -1)
+        jnp.moveaxis(jax.vmap(u.site.canonical_y)(dy).astype(u.dtype), 0, -1)
         for u, dy in zip(units, dys)
     ]
     return D, Df
+
+
+def _complex_derivatives(pullback, ones, hs, site_vals, dhs, dys):
+    """The derivatives of complex states with respect to real inputs (previous
+    real states, real weight outputs).
+
+    A pullback gives the cotangent `c` of a value `z` in JAX's convention, where a
+    change `dz` changes the loss by `Re(c dz)`. For a complex state that depends
+    holomorphically on a complex input (as `lam * h + y`) the cotangent of ones is
+    the derivative itself. For a real input `y` it is only the derivative's real
+    part; the cotangent of `1j` gives minus its imaginary part, so the derivative
+    is `pull(1) - 1j pull(1j)`. (A real state's cotangent stays real: zero in the
+    second pass.)"""
+    real_h = [not jnp.iscomplexobj(h) for h in hs]
+    real_y = [not jnp.iscomplexobj(y) for y in site_vals]
+    if not any(real_h) and not any(real_y):
+        return dhs, dys
+    second = [1j * o if jnp.iscomplexobj(o) else jnp.zeros_like(o) for o in ones]
+    dhs_i, dys_i = jax.vmap(pullback)(second)
+
+    def combine(ds, ds_i, real):
+        return [d - 1j * d_i if r else d for d, d_i, r in zip(ds, ds_i, real)]
+
+    return combine(dhs, dhs_i, real_h), combine(dys, dys_i, real_y)
 
 
 def hidden_leaves(compiled: Compiled) -> list[int]:
@@ -140,9 +180,34 @@ def hidden_leaves(compiled: Compiled) -> list[int]:
     return [j for g in compiled.graph.groups for j in g.leaves]
 
 
-def transition(compiled: Compiled, dyn_leaves, state_leaves, x_leaves):
+def real_parts(hs: list[Any]) -> list[Any]:
+    """The hidden leaves as real arrays: a complex leaf becomes its real part and
+    its imaginary part (see `Graph.hidden_size`)."""
+    out = []
+    for h in hs:
+        out += [jnp.real(h), jnp.imag(h)] if jnp.iscomplexobj(h) else [h]
+    return out
+
+
+def _from_parts(parts: list[Any], like: list[Any]) -> list[Any]:
+    out, i = [], 0
+    for h in like:
+        if jnp.iscomplexobj(h):
+            out.append(jax.lax.complex(parts[i], parts[i + 1]))
+            i += 2
+        else:
+            out.append(parts[i])
+            i += 1
+    return out
+
+
+def transition(
+    compiled: Compiled, dyn_leaves, state_leaves, x_leaves, real: bool = True
+):
     """`(theta, h^{t-1}) -> h^t` for the parameters that reach a hidden state,
-    and the point to evaluate it at (both under `stop_gradient`)."""
+    and the point to evaluate it at (both under `stop_gradient`). With `real`,
+    complex hidden leaves enter and leave as their real and imaginary parts, so
+    the Jacobians are real and exact for any update, holomorphic or not."""
     program = compiled.program
     hidden = hidden_leaves(compiled)
     state_vars = compiled.state_vars
@@ -162,18 +227,24 @@ def transition(compiled: Compiled, dyn_leaves, state_leaves, x_leaves):
 
     sg = jax.lax.stop_gradient
     ps0 = [sg(dyn_leaves[i]) for i in params]
-    hs0 = [sg(state_leaves[j]) for j in hidden]
-    return step, ps0, hs0
+    hs0 = [sg(jnp.asarray(state_leaves[j])) for j in hidden]
+    if not real:
+        return step, ps0, hs0
+
+    def real_step(ps, parts):
+        return real_parts(step(ps, _from_parts(parts, hs0)))
+
+    return real_step, ps0, real_parts(hs0)
 
 
-def _unit_cotangents(compiled: Compiled, new_hidden: list[Any]) -> list[Any]:
-    size = compiled.graph.hidden_size
-    eye = jnp.eye(size, dtype=compiled.graph.groups[0].dtype)
+def _unit_cotangents(new_hidden: list[Any]) -> list[Any]:
+    size = sum(h.size for h in new_hidden)
+    eye = jnp.eye(size)
     offsets = [0]
     for h in new_hidden:
         offsets.append(offsets[-1] + h.size)
     return [
-        eye[:, a:b].reshape((size,) + h.shape)
+        eye[:, a:b].reshape((size,) + h.shape).astype(h.dtype)
         for a, b, h in zip(offsets[:-1], offsets[1:], new_hidden)
     ]
 
@@ -190,7 +261,7 @@ def full_jacobians(compiled: Compiled, dyn_leaves, state_leaves, x_leaves):
     size = compiled.graph.hidden_size
     if not size:  # no parameter reaches a hidden state: nothing to carry
         return jnp.zeros((0, 0)), {path: None for path, _, _ in compiled.graph.params}
-    d_params, d_prev = jax.vmap(pullback)(_unit_cotangents(compiled, new_hidden))
+    d_params, d_prev = jax.vmap(pullback)(_unit_cotangents(new_hidden))
     Jtheta = {path: d for (path, _, _), d in zip(compiled.graph.params, d_params)}
     return _rows(d_prev, size), Jtheta
 
@@ -293,18 +364,20 @@ def diagonal_blocks(compiled: Compiled, dyn_leaves, state_leaves, x_leaves):
     """Per group name, `H[n, k, k'] = d h_k^t[n] / d h_{k'}^{t-1}[n]` through every
     path of the step (recurrent weights included): the per-neuron diagonal blocks of
     the full hidden-to-hidden Jacobian."""
-    step, ps0, hs0 = transition(compiled, dyn_leaves, state_leaves, x_leaves)
+    step, ps0, hs0 = transition(
+        compiled, dyn_leaves, state_leaves, x_leaves, real=False
+    )
     new_hidden, pullback = jax.vjp(lambda hs: step(ps0, hs), hs0)
-    size = compiled.graph.hidden_size
+    size = sum(h.size for h in new_hidden)
     if not size:
         return {}
-    (d_prev,) = jax.vmap(pullback)(_unit_cotangents(compiled, new_hidden))
+    (d_prev,) = jax.vmap(pullback)(_unit_cotangents(new_hidden))
     J = _rows(d_prev, size)
     out = {}
     start = 0
     for g in compiled.graph.groups:
         n, k = g.n, g.k
         block = J[start : start + n * k, start : start + n * k].reshape(k, n, k, n)
-        out[g.name] = jnp.einsum("anbn->nab", block)
+        out[g.name] = as_dtype(jnp.einsum("anbn->nab", block), g.dtype)
         start += n * k
     return out

@@ -20,6 +20,7 @@ from .. import _ir
 from .._analysis import Compiled
 from .hooks import gradient_hook, summed_over_batch
 from .jacobians import (
+    as_dtype,
     full_jacobians,
     hidden_leaves,
     Jacobians,
@@ -34,11 +35,17 @@ _sg = jax.lax.stop_gradient
 
 def _joint_hook(algorithm: Any, graph: Any, dtypes: list[Any], summed: bool):
     def signal(cot):
-        return {"hidden": jnp.concatenate([jnp.reshape(c, (-1,)) for c in cot])}
+        # A complex value `z = u + iv` with cotangent `c` changes the loss by
+        # `Re(c dz) = Re(c) du - Im(c) dv`: its parts' cotangents.
+        flat = []
+        for c in cot:
+            c = jnp.reshape(c, (-1,))
+            flat += [jnp.real(c), -jnp.imag(c)] if jnp.iscomplexobj(c) else [c]
+        return {"hidden": jnp.concatenate(flat)}
 
     def to_params(grads):
         return [
-            grads[path].astype(dt) for (path, _, _), dt in zip(graph.params, dtypes)
+            as_dtype(grads[path], dt) for (path, _, _), dt in zip(graph.params, dtypes)
         ]
 
     def read_out(traces, jac, cot, anchor_cot):
@@ -88,6 +95,11 @@ class JointStep:
     def read_live(self, a: _ir.Operand) -> Any:
         if isinstance(a, _ir.Lit):
             return a.val
+        if a in self.hooked:
+            # A new hidden value, read on the way to a value recomputed with live
+            # parameters (`W @ h1` read by the output and by the next layer): its
+            # gradient is the traces', as for any other reader of it.
+            return self.hooked[a]
         p = self.c.program.producer.get(a)
         if p is None or p not in self.c.joint.upstream or a in self.c.joint.param_only:
             return self.main[a]

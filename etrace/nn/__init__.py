@@ -13,6 +13,7 @@ from ._elementwise import (
     MinLSTM as MinLSTM,
     RGLRU as RGLRU,
 )
+from ._lru import LRU as LRU
 from ._neurons import (
     AbstractSpikingNeuron as AbstractSpikingNeuron,
     ALIF as ALIF,

@@ -129,6 +129,45 @@ def test_rtrl_is_exact_for_an_encoder_that_d_rtrl_learns_one_step():
     et.assert_matches_bptt(learner, mse, model, ts, xs, ys, require_live=False)
 
 
+class SharedProjection(eqx.Module):
+    """The output reads `w @ h1`, which also feeds the second layer: a value
+    computed with a parameter from a new hidden state, upstream of another."""
+
+    c1: eqx.nn.Linear
+    c2: eqx.nn.Linear
+    w: jax.Array
+
+    def __init__(self, key):
+        k = jr.split(key, 3)
+        self.c1 = eqx.nn.Linear(2, 3, key=k[0])
+        self.c2 = eqx.nn.Linear(2, 3, key=k[1])
+        self.w = jr.normal(k[2], (2, 3))
+
+    def __call__(self, x, state):
+        h1, h2 = state
+        h1 = 0.8 * h1 + jnp.tanh(self.c1(x))
+        u = self.w @ h1
+        h2 = 0.7 * h2 + jnp.tanh(self.c2(u))
+        return h2[:2] + jnp.tanh(u), (h1, h2)
+
+
+@pytest.mark.parametrize("algorithm", [etrace.RTRL(), etrace.SnAp(3)])
+def test_whole_state_gradient_of_a_value_read_by_the_output_and_the_next_layer(
+    algorithm,
+):
+    model = f64(SharedProjection(jr.key(0)))
+    xs, ys = data(2, 6, 2, 2)
+    state = (jnp.zeros(3), jnp.zeros(3))
+    learner, ts = etrace.compile(model, xs[0], state=state, algorithm=algorithm)
+    et.assert_matches_bptt(learner, mse, model, ts, xs, ys, require_live=False)
+    # Negative control: D-RTRL's lower layer leaves out the path through h2.
+    with pytest.warns(etrace.EtraceWarning, match="one-step gradient: \\['w'\\]"):
+        learner, ts = etrace.compile(model, xs[0], state=state)
+    et.assert_differs_from_bptt(
+        learner, mse, model, ts, xs, ys, params="c1", require_live=False
+    )
+
+
 def test_rtrl_trace_of_and_summary():
     model, state = _model("gru", 2, 3, 0)
     learner, ts = etrace.compile(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxtyping import Array, Float
+from jaxtyping import Array, Inexact
 
 from ..._errors import EtraceError
 from ..._graph import Graph, Unit
@@ -121,7 +121,7 @@ class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
         turned = not full and turns(unit.shape) and self._shipped("init_unit")
         return diagonal_init(unit, untraced, turned)
 
-    def init_unit(self, unit: Unit) -> tuple[Float[Array, "*trace"] | None, ...]:
+    def init_unit(self, unit: Unit) -> tuple[Inexact[Array, "*trace"] | None, ...]:
         return self._unit_init(unit, full=False)
 
     def init_full(self, graph: Graph) -> dict[str, Any]:

@@ -111,6 +111,9 @@ def chunk_signals(D, c):
     each step of a chunk, and `q = m_0 D_0`: `D` the chunk's entries
     (`split_entries`), `c` its learning signals, one `(S, ...)` array per state.
     Returns `m` (one array per state) and `q` (`None` where zero)."""
+    # A real state's signal turns complex through a complex group's `D`.
+    dtype = jnp.result_type(*c, *jtu.tree_leaves(D))
+    c = tuple(a.astype(dtype) for a in c)
     D_next = jtu.tree_map(lambda a: a[1:], D)
     c_earlier = tuple(a[:-1] for a in c)
     last = tuple(a[-1] for a in c)

@@ -7,7 +7,7 @@ import functools
 import operator
 
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Inexact
 
 from ..._graph import Unit
 from ..._kernels import batch_sum, outer_product_sum, weighted_states
@@ -24,13 +24,12 @@ def transient_states(group) -> tuple[int, ...]:
 
 def diagonal_init(
     unit: Unit, untraced: tuple[int, ...] = (), turned: bool = False
-) -> tuple[Float[Array, "b w f c"] | None, ...]:
+) -> tuple[Inexact[Array, "b w f c"] | None, ...]:
     """A zero D-RTRL trace for one unit: one `(B, Fw, Fx, C)` array per state `k`
     (`(B, C, Fw, Fx)` if `turned`), `None` for the states in `untraced`."""
     shape = turned_shape(unit.shape) if turned else unit.shape
     return tuple(
-        None if k in untraced else jnp.zeros(shape, unit.site.dtype)
-        for k in range(unit.k)
+        None if k in untraced else jnp.zeros(shape, unit.dtype) for k in range(unit.k)
     )
 
 

@@ -8,7 +8,7 @@ import operator
 
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Inexact
 
 from ..._graph import Unit
 from ..._kernels import batch_sum
@@ -27,12 +27,12 @@ def nonzeros(unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def sparse_init(
     unit: Unit, untraced: tuple[int, ...] = ()
-) -> tuple[Float[Array, "nnz f"] | None, ...]:
+) -> tuple[Inexact[Array, "nnz f"] | None, ...]:
     """A zero trace kept at a masked weight's non-zeros: one `(nnz, Fx)` array per
     state, `None` for the states in `untraced`."""
     nnz = len(nonzeros(unit)[0])
     return tuple(
-        None if k in untraced else jnp.zeros((nnz, unit.site.fx), unit.site.dtype)
+        None if k in untraced else jnp.zeros((nnz, unit.site.fx), unit.dtype)
         for k in range(unit.k)
     )
 
