@@ -267,6 +267,7 @@ def test_model_parallel_smoke(tmp_path):
         "examples/gradient_fidelity.py",
         "examples/custom_algorithm.py",
         "examples/streaming.py",
+        "examples/reward_modulated.py",
     ],
 )
 def test_example_help_exits_zero(script, capsys):
