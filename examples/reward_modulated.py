@@ -41,13 +41,14 @@ passed to `etrace.online_grad`, the surrogate $-(R - b) \log \pi(a)$ at step $T$
 $-\nabla J$, and Adam minimises it: the network climbs the expected reward. (On a
 layer with recurrent weights D-RTRL's traces drop paths through other neurons, and
 the estimate would be biased by that approximation.) `reinforce_gradient` below
-computes it; the smoke test checks it against BPTT's gradient of the surrogate.
+computes it; `tests/test_examples.py` checks it against BPTT's gradient of the
+surrogate.
 
 The modulator needs the choice, and the choice needs the network's output at the
 decision step: each training step runs the batch forward once to sample the actions
 and deliver the rewards, then `etrace.online_grad` with the modulators. An agent
-that acts step by step would do the same with `learner.step` at the step of the
-choice, evaluating the model's readout first.
+that acts step by step would, at the step of the choice, evaluate the model on that
+step to sample the choice, then pass the modulator to `learner.step` for it.
 
 **Reference.** The same initial network, on the same stream of trials, is trained
 with `etrace.D_RTRL` on the cross-entropy of the correct option at the decision
@@ -55,12 +56,12 @@ step: the supervised gradient, which knows the correct option of every trial.
 
 The script prints, per method, the probability of reward under the policy
 ($\pi$ of the correct option, the expected reward) and the greedy accuracy on
-held-out trials, the expected reward over the last training steps, the seconds per
+held-out trials, the reward over the last 100 training steps, the seconds per
 training step and the trace memory, against chance and the ideal observer, and
 saves the learning curves. Everything is generated; nothing is downloaded.
 
 ```
-python examples/reward_modulated.py                # about a minute on 2 CPUs
+python examples/reward_modulated.py                # about 30 s on 2 CPUs
 python examples/reward_modulated.py --options 2 --steps 1000
 python examples/reward_modulated.py --steps 3 --batch 4 --hidden 8
 ```
@@ -238,7 +239,8 @@ def reinforce_step(fixed, model, opt_state, key, baseline):
 def supervised_step(fixed, model, opt_state, key, baseline):
     """D-RTRL's gradient of the cross-entropy of the correct option."""
     learner, task, optim, _ = fixed
-    key, data_key = jr.split(key)
+    # Split as `reinforce_step` does, so that both see the same trials.
+    key, data_key, _ = jr.split(key, 3)
     xs, labels = task.sample(data_key)
     logits = jax.vmap(model.readout)(final_hidden(model, xs))
     targets = jnp.broadcast_to(labels, xs.shape[:2])
