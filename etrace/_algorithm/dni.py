@@ -79,10 +79,10 @@ class DNI(AbstractAlgorithm):
     from state $h^{T_0}$ and ends in $h^{T}$: the gradient of the chunk's own loss
     by $h^{T_0}$ plus the prediction at its end, pushed back through the chunk,
 
-    $$\ell = \tfrac12 \big\lVert \hat g(h^{T_0}) - \operatorname{sg}\big[
+    $$\ell = \tfrac12 \left\lVert \hat g(h^{T_0}) - \operatorname{sg}\left[
       \tfrac{\partial L_\text{chunk}}{\partial h^{T_0}}
-      + \big(\tfrac{\partial h^T}{\partial h^{T_0}}\big)^{\!\top} \hat g(h^T)
-      \big] \big\rVert^2,$$
+      + \left(\tfrac{\partial h^T}{\partial h^{T_0}}\right)^{\!\top} \hat g(h^T)
+      \right] \right\rVert^2,$$
 
     (`sg`: no gradient through the target). `etrace.dni_grad` returns both the
     model's gradient and the predictor's gradient of $\ell$ for a stretch of whole
