@@ -14,6 +14,7 @@ from jaxtyping import Array, PyTree
 from .._errors import EtraceError
 from .._graph import Graph
 from .base import AbstractAlgorithm
+from .helpers import refuse_complex
 from .rtrl import RTRL
 
 
@@ -133,6 +134,7 @@ class DNI(AbstractAlgorithm):
         return self.inner.site_jacobians
 
     def init(self, graph: Graph) -> dict[str, PyTree[Array]]:
+        refuse_complex(graph, "DNI")
         dtype = graph.groups[0].dtype if graph.groups else jnp.result_type(float)
         predictor = {
             name: {

@@ -1,5 +1,5 @@
-"""Small building blocks the spiking-network algorithms share: trace filters and a
-fixed random feedback matrix."""
+"""Small building blocks the algorithms share: trace filters, a fixed random
+feedback matrix, and the refusal of complex hidden states."""
 
 from __future__ import annotations
 
@@ -13,6 +13,19 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
 from .._errors import EtraceError
+
+
+def refuse_complex(graph: Any, name: str) -> None:
+    """An `EtraceError` naming the first complex hidden group of `graph`, for an
+    algorithm (`name`) whose traces are defined for real hidden states only."""
+    for group in graph.groups:
+        if jnp.issubdtype(group.dtype, jnp.complexfloating):
+            raise EtraceError(
+                f"{name} is defined for real hidden states, but hidden group "
+                f"`{group.name}` is {jnp.dtype(group.dtype).name}. Use etrace.RTRL(), "
+                "etrace.SnAp(n), etrace.UORO() or a per-group algorithm "
+                "(etrace.D_RTRL(), ...) for complex hidden states."
+            )
 
 
 def _decay(name: str, value: Any) -> float:

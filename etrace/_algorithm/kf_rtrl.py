@@ -11,6 +11,7 @@ import jax.random as jr
 from .._errors import EtraceError
 from .._graph import Graph, Site
 from .base import AbstractAlgorithm
+from .helpers import refuse_complex
 
 
 _NOT_FACTORED = (
@@ -125,6 +126,7 @@ class KF_RTRL(AbstractAlgorithm):
     site_jacobians: ClassVar[bool] = True
 
     def init(self, graph: Graph):
+        refuse_complex(graph, "KF_RTRL")
         kron, exact, other = _plan(graph)
         if other and not self.fallback:
             why = _why_not(graph, other[0], _site(graph, other[0]))

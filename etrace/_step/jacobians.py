@@ -105,10 +105,10 @@ def as_dtype(a: Any, dtype: Any) -> Any:
 def _ones_per_state(k: int, hs: list[Any]) -> list[Any]:
     """`K` stacked cotangents, the `i`-th ones on state `i` and zeros elsewhere
     (each in its state's dtype)."""
-    eye = jnp.eye(k)
     return [
         jnp.broadcast_to(
-            eye[:, i].reshape((k,) + (1,) * h.ndim).astype(h.dtype), (k,) + h.shape
+            jnp.eye(k, dtype=h.dtype)[:, i].reshape((k,) + (1,) * h.ndim),
+            (k,) + h.shape,
         )
         for i, h in enumerate(hs)
     ]
@@ -238,13 +238,14 @@ def transition(
 
 
 def _unit_cotangents(new_hidden: list[Any]) -> list[Any]:
+    """The rows of the identity over all hidden values, cut per leaf (each in its
+    leaf's dtype): one cotangent per hidden value, for a vmapped pullback."""
     size = sum(h.size for h in new_hidden)
-    eye = jnp.eye(size)
     offsets = [0]
     for h in new_hidden:
         offsets.append(offsets[-1] + h.size)
     return [
-        eye[:, a:b].reshape((size,) + h.shape).astype(h.dtype)
+        jnp.eye(size, b - a, k=-a, dtype=h.dtype).reshape((size,) + h.shape)
         for a, b, h in zip(offsets[:-1], offsets[1:], new_hidden)
     ]
 
@@ -355,7 +356,7 @@ def site_jacobians(compiled: Compiled, dyn_leaves, state_leaves, x_leaves):
         for name, s in sites.items()
     }
     new_hidden, pullback, xs = jax.vjp(step, zeros, has_aux=True)
-    (dy,) = jax.vmap(pullback)(_unit_cotangents(compiled, new_hidden))
+    (dy,) = jax.vmap(pullback)(_unit_cotangents(new_hidden))
     Df = {name: jax.vmap(sites[name].canonical_y)(d) for name, d in dy.items()}
     return xs, Df
 
