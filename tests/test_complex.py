@@ -139,7 +139,7 @@ def _model(kind, seed=0):
     if kind == "mixed_real":
         return MixedReal(key, "complex")
     if kind == "mixed_group":
-        return ReadsRe(key, "paper")
+        return ReadsRe(key, "complex")
     return Diagonal(key, kind)
 
 
@@ -366,3 +366,19 @@ def test_chunks_of_complex_traces_equal_bptt(kind):
     grads, _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys, chunk=4)
     exact, _ = etrace.bptt_grad(mse, model, _state(model), xs, ys)
     assert max(leaf_errors(grads, exact).values()) <= 1e-9
+
+
+def test_complex_trace_state_round_trips_through_serialisation(tmp_path):
+    model = _model("mixed_group")
+    xs, _ = data(5, 4, N_IN, N_OUT)
+    learner, ts = etrace.compile(model, xs[0], state=_state(model))
+    for x in xs:
+        _, ts = learner.step(model, ts, x)
+    path = tmp_path / "ts.eqx"
+    eqx.tree_serialise_leaves(path, ts)
+    back = eqx.tree_deserialise_leaves(path, learner.init())
+    leaves = jax.tree.leaves(ts)
+    assert any(jnp.iscomplexobj(a) and bool(jnp.any(jnp.imag(a) != 0)) for a in leaves)
+    for a, b in zip(leaves, jax.tree.leaves(back)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
