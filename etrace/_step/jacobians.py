@@ -96,10 +96,15 @@ def as_dtype(a: Any, dtype: Any) -> Any:
     return a.astype(dtype)
 
 
+def _real_dtype(arrays: list[Any]) -> Any:
+    """The real dtype of the arrays' precision (float32 for complex64)."""
+    return jnp.finfo(jnp.result_type(*arrays)).dtype
+
+
 def _ones_per_state(k: int, hs: list[Any]) -> list[Any]:
     """`K` stacked cotangents, the `i`-th ones on state `i` and zeros elsewhere
     (each in its state's dtype)."""
-    eye = jnp.eye(k)
+    eye = jnp.eye(k, dtype=_real_dtype(hs))
     return [
         jnp.broadcast_to(
             eye[:, i].reshape((k,) + (1,) * h.ndim).astype(h.dtype), (k,) + h.shape
@@ -233,7 +238,7 @@ def transition(
 
 def _unit_cotangents(new_hidden: list[Any]) -> list[Any]:
     size = sum(h.size for h in new_hidden)
-    eye = jnp.eye(size)
+    eye = jnp.eye(size, dtype=_real_dtype(new_hidden))
     offsets = [0]
     for h in new_hidden:
         offsets.append(offsets[-1] + h.size)
