@@ -15,7 +15,7 @@ import pytest
 
 import etrace
 
-from .helpers import ALGORITHMS, data, leaf_errors, modulators, mse
+from .helpers import ALGORITHMS, all_eqns, data, leaf_errors, modulators, mse
 
 
 N, N_IN, N_OUT = 4, 3, 2
@@ -139,7 +139,7 @@ def _model(kind, seed=0):
     if kind == "mixed_real":
         return MixedReal(key, "complex")
     if kind == "mixed_group":
-        return ReadsRe(key, "paper")
+        return ReadsRe(key, "complex")
     return Diagonal(key, kind)
 
 
@@ -377,3 +377,41 @@ def test_chunks_of_complex_traces_equal_bptt(kind):
     grads, _, _ = etrace.online_grad(learner, mse, model, ts, xs, ys, chunk=4)
     exact, _ = etrace.bptt_grad(mse, model, _state(model), xs, ys)
     assert max(leaf_errors(grads, exact).values()) <= 1e-9
+
+
+def test_complex_trace_state_round_trips_through_serialisation(tmp_path):
+    model = _model("mixed_group")
+    xs, _ = data(5, 4, N_IN, N_OUT)
+    learner, ts = etrace.compile(model, xs[0], state=_state(model))
+    for x in xs:
+        _, ts = learner.step(model, ts, x)
+    path = tmp_path / "ts.eqx"
+    eqx.tree_serialise_leaves(path, ts)
+    back = eqx.tree_deserialise_leaves(path, learner.init())
+    leaves = jax.tree.leaves(ts)
+    assert any(jnp.iscomplexobj(a) and bool(jnp.any(jnp.imag(a) != 0)) for a in leaves)
+    for a, b in zip(leaves, jax.tree.leaves(back)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["d_rtrl", "rtrl"])
+def test_a_complex64_model_computes_in_single_precision(name):
+    # Under `jax_enable_x64` a float32 / complex64 model must not be promoted.
+    model = jax.tree.map(
+        lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a,
+        _model("mixed_group"),
+    )
+    state = (jnp.zeros(N, jnp.complex64), jnp.zeros(N, jnp.float32))
+    xs, ys = jax.tree.map(lambda a: a.astype(jnp.float32), data(1, 4, N_IN, N_OUT))
+    learner, ts = etrace.compile(model, xs[0], state=state, algorithm=EXACT[name])
+    closed = jax.make_jaxpr(
+        lambda ts, xs, ys: etrace.online_grad(learner, mse, model, ts, xs, ys)
+    )(ts, xs, ys)
+    wide = (jnp.float64, jnp.complex128)
+    found = [
+        e.primitive.name
+        for e in all_eqns(closed.jaxpr)
+        if any(getattr(v.aval, "dtype", None) in wide for v in e.outvars)
+    ]
+    assert not found, found

@@ -594,7 +594,9 @@ def test_neurons_work_in_sequential():
 def test_docs_recurrent_snippet_runs():
     text = (ROOT / "docs" / "nn.md").read_text()
     (code,) = [
-        b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "RecurrentSNN" in b
+        b
+        for b in re.findall(r"```python\n(.*?)```", text, re.S)
+        if "class RecurrentSNN" in b
     ]
     code = code.replace("(50, ", "(6, ")  # fewer steps
     namespace: dict = {}
