@@ -445,3 +445,31 @@ def test_deep_stack_smoke():
     # The first step starts from the same network and batch: the same loss.
     first = [r["losses"][0] for r in results[1].values()]
     assert abs(first[0] - first[1]) < 1e-5
+
+
+def test_online_lru_smoke(tmp_path):
+    pytest.importorskip("optax")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    module = _load("examples/online_lru.py")
+    out = tmp_path / "lru.png"
+    sizes = "--delays 2 40 --train-delays 2 --steps 2 --digit-steps 2 --width 4"
+    sizes = [*sizes.split(), "--gru-hidden", "4", "--batch", "4"]
+    results = module.main([*sizes, "--eval-batch", "8", "--out", str(out)])
+    memory = results["memory"]
+    assert {2, 40} <= set(memory)
+    # BPTT keeps every step, D-RTRL's traces do not grow with the delay.
+    assert memory[40]["bptt"] > memory[2]["bptt"]
+    assert memory[40]["bptt"] / memory[40]["d_rtrl"] > (
+        memory[2]["bptt"] / memory[2]["d_rtrl"]
+    )
+    assert set(results["copy"]) == {2}
+    assert set(results["copy"][2]) == {"d_rtrl", "bptt"}
+    assert set(results["digits"]) == set(module.LABELS)
+    for r in results["digits"].values():
+        assert 0 <= r["accuracy"] <= 1
+        assert len(r["losses"]) == 2 and np.isfinite(r["losses"]).all()
+    # The LRU stack starts from the same network and batch with both methods.
+    first = [results["digits"][n]["losses"][0] for n in ("lru_d_rtrl", "lru_bptt")]
+    assert abs(first[0] - first[1]) < 1e-5
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
