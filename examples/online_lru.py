@@ -73,7 +73,7 @@ def gradient_of(method: str, model, state, n_in: int, decay: float = 0.9):
     with warnings.catch_warnings():  # the one-step* parameters, listed above
         warnings.simplefilter("ignore", etrace.EtraceWarning)
         learner, _ = etrace.compile(
-            model, jnp.zeros(n_in), state=state, algorithm=algorithm
+            model, jnp.zeros(n_in, jnp.float32), state=state, algorithm=algorithm
         )
     return eqx.Partial(_common.online_gradient, learner)
 
