@@ -202,6 +202,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--hidden", type=int, default=64, help="GRU hidden size, LRU stack width"
     )
+    parser.add_argument(
+        "--lru-steps",
+        type=int,
+        default=300,
+        help="training steps of the LRU stack (at most --steps; it learns fast)",
+    )
     parser.add_argument("--batch", type=int, default=32, help="sequences per step")
     parser.add_argument("--length", type=int, default=5, help="symbols to copy")
     parser.add_argument("--delay", type=int, default=10, help="blanks before the cue")
@@ -218,8 +224,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="GRU methods to train (default: every one this etrace has, and bptt)",
     )
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
+    if min(args.steps, args.lru_steps) < 1:
+        parser.error("--steps and --lru-steps must be at least 1")
     return args
 
 
@@ -251,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     print(
         f"copy task: {args.length} symbols of {args.alphabet}, delay {args.delay}, "
         f"T={task.num_steps}; GRU hidden {args.hidden} / LRU stack width "
-        f"{args.hidden}, batch {args.batch}, {args.steps} steps; chance loss "
+        f"{args.hidden}, batch {args.batch}, {args.steps} steps (LRU stack "
+        f"{min(args.steps, args.lru_steps)}); chance loss "
         f"{chance:.3f}",
         flush=True,
     )
@@ -275,8 +282,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
                 )
             gradient = eqx.Partial(_common.online_gradient, learner)
             memory = _common.memory_bytes(learner, state, task.num_steps)
+        steps = args.steps if kind == "gru" else min(args.steps, args.lru_steps)
         trained, losses, compile_s, per_step = train(
-            name, gradient, task, optim, model, data_key, args.steps
+            name, gradient, task, optim, model, data_key, steps
         )
         loss, accuracy = evaluate(trained, state, task, eval_xs, eval_targets)
         results[name] = dict(
