@@ -160,9 +160,9 @@ def available_algorithms(decay: float) -> dict[str, Any]:
 
 
 LABELS = {
-    "d_rtrl": "D-RTRL",
-    "es_d_rtrl": "ES-D-RTRL",
-    "bptt": "BPTT",
+    "d_rtrl": "GRU D-RTRL",
+    "es_d_rtrl": "GRU ES-D-RTRL",
+    "bptt": "GRU BPTT",
     "lru_d_rtrl": "LRU D-RTRL",
     "lru_bptt": "LRU BPTT",
 }

@@ -57,6 +57,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 PIXELS = 64  # time steps of a digit: one pixel per step
+METHODS = {"d_rtrl": "D-RTRL", "bptt": "BPTT"}  # of the copy task's LRU stack
 LABELS = {
     "lru_d_rtrl": "LRU D-RTRL",
     "lru_bptt": "LRU BPTT",
@@ -151,7 +152,7 @@ def train_copy(args, delay: int) -> dict[str, dict[str, Any]]:
         def step(model, opt_state, key, gradient=gradient):
             return copying_task.train_step(gradient, task, optim, model, opt_state, key)
 
-        label = f"{copying_task.LABELS[method]} d={delay}"
+        label = f"{METHODS[method]} d={delay}"
         trained, losses, _, per_step = _common.train(
             label, step, optim, model, data_key, args.steps
         )
@@ -234,7 +235,7 @@ def report(args, memory, first, copy, digits) -> None:
         rows = [
             (
                 str(d),
-                copying_task.LABELS[m],
+                METHODS[m],
                 f"{r['accuracy']:.3f}",
                 f"{r['loss']:.3f}",
                 f"{r['seconds_per_step']:.4f}",
@@ -276,7 +277,7 @@ def plot(args, memory, copy, digits) -> None:
     axes[0].legend()
     if copy:
         delay = min(copy)
-        _common.plot_losses(axes[1], copy[delay], copying_task.LABELS)
+        _common.plot_losses(axes[1], copy[delay], METHODS)
         axes[1].axhline(math.log(args.alphabet), color="grey", linestyle="--")
         axes[1].set_ylabel("recall cross-entropy")
         axes[1].set_title(f"Copy task, delay {delay}")
