@@ -24,7 +24,7 @@ GRU's recurrent weights couple its neurons, and D-RTRL keeps only the diagonal o
 that influence.
 
 ```
-python examples/copying_task.py                       # a few minutes on 2 CPUs
+python examples/copying_task.py                       # about a minute on 2 CPUs
 python examples/copying_task.py --models gru          # the GRU alone
 python examples/copying_task.py --steps 3 --hidden 8  # smoke test
 ```
