@@ -51,14 +51,22 @@ COMMAND = "nox -s results"
 # reports an evaluation loss, and chance level from its settings.
 TASKS: dict[str, dict[str, Any]] = {
     "copying_task": dict(
-        title="Copy task (GRU)",
+        title="Copy task (LRU stack and GRU)",
         what=(
-            "A GRU (stock `eqx.nn.GRUCell`) with a linear readout reproduces a "
-            "sequence of random symbols after a delay; cross-entropy on the recall "
-            "steps only. Accuracy per recalled symbol on 1000 held-out sequences."
+            "A stack of two residual blocks around `etrace.nn.LRU` (embedding and "
+            "linear readout; rows `LRU ...`) and a GRU (stock `eqx.nn.GRUCell`) "
+            "with a linear readout reproduce a sequence of random symbols after a "
+            "delay; cross-entropy on the recall steps only. Accuracy per recalled "
+            "symbol on 1000 held-out sequences. The x BPTT columns divide by the "
+            "GRU's BPTT."
         ),
         plot_option="--out",
-        labels={"d_rtrl": "D-RTRL", "es_d_rtrl": "ES-D-RTRL"},
+        labels={
+            "d_rtrl": "D-RTRL",
+            "es_d_rtrl": "ES-D-RTRL",
+            "lru_d_rtrl": "LRU D-RTRL",
+            "lru_bptt": "LRU BPTT",
+        },
         has_test_loss=True,
         chance=lambda a: (
             f"accuracy {1 / a.alphabet:.3f}, loss {math.log(a.alphabet):.3f}"

@@ -37,11 +37,9 @@ from typing import Any
 import _common  # shared with the other examples
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
 
 import etrace
 import etrace.nn as enn
@@ -72,51 +70,6 @@ def deep_model(cell: str, width: int, depth: int, *, key) -> eqx.nn.Sequential:
             eqx.nn.Linear(width, N_CLASSES, key=keys[-1]),
         ]
     )
-
-
-def sample(key, images, labels, batch):
-    """A random batch (without replacement), time first: rows are the steps."""
-    idx = jr.choice(key, images.shape[0], (batch,), replace=False)
-    xs = jnp.transpose(images[idx].reshape(batch, ROWS, ROWS), (1, 0, 2))
-    return xs, jnp.broadcast_to(labels[idx], (ROWS, batch))
-
-
-def last_step() -> jax.Array:
-    return (jnp.arange(ROWS) == ROWS - 1).astype(jnp.float32)
-
-
-@eqx.filter_jit(donate="all-except-first")
-def train_step(fixed, model, opt_state, key):
-    gradient, optim, images, labels, batch = fixed
-    key, data_key = jr.split(key)
-    xs, targets = sample(data_key, images, labels, batch)
-    grads, losses = gradient(model, xs, targets, last_step())
-    params = eqx.filter(model, eqx.is_inexact_array)
-    updates, opt_state = optim.update(grads, opt_state, params)
-    return eqx.apply_updates(model, updates), opt_state, key, losses[-1]
-
-
-@eqx.filter_jit
-def evaluate(model, state, images, labels):
-    xs = jnp.transpose(images.reshape(-1, ROWS, ROWS), (1, 0, 2))
-
-    def body(s, x):
-        y, s = jax.vmap(model)(x, s)
-        return s, y
-
-    _, ys = jax.lax.scan(body, _common.broadcast(state, xs.shape[1]), xs)
-    return jnp.mean(jnp.argmax(ys[-1], axis=-1) == labels)
-
-
-def load(seed: int, n_train: int) -> tuple[jax.Array, ...]:
-    """The digits scaled to [0, 1], shuffled with `seed` and split train/test."""
-    digits = load_digits()
-    images = (digits.data / 16.0).astype(np.float32)
-    labels = digits.target.astype(np.int32)
-    order = np.random.default_rng(seed).permutation(len(labels))
-    train, test = order[:n_train], order[n_train:]
-    parts = (images[train], labels[train], images[test], labels[test])
-    return tuple(jnp.asarray(a) for a in parts)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -160,10 +113,10 @@ def run(args, depth: int, data: tuple[jax.Array, ...]) -> dict[str, dict[str, An
                 learner, _ = etrace.compile(model, train_x[0, :ROWS], state=state)
             gradient = eqx.Partial(_common.online_gradient, learner)
             memory = _common.memory_bytes(learner, state, ROWS)
-        fixed = (gradient, optim, train_x, train_y, args.batch)
+        fixed = (gradient, optim, train_x, train_y, args.batch, ROWS)
 
         def step(model, opt_state, key, fixed=fixed):
-            return train_step(fixed, model, opt_state, key)
+            return _common.digits_train_step(fixed, model, opt_state, key)
 
         label = f"{LABELS[name]} x{depth}"
         trained, losses, _, per_step = _common.train(
@@ -173,7 +126,9 @@ def run(args, depth: int, data: tuple[jax.Array, ...]) -> dict[str, dict[str, An
         results[name] = dict(
             losses=losses,
             loss=float(np.mean(losses[-window:])),
-            accuracy=float(evaluate(trained, state, test_x, test_y)),
+            accuracy=float(
+                _common.digits_accuracy(trained, state, test_x, test_y, ROWS)
+            ),
             seconds_per_step=per_step,
             memory_bytes=memory,
         )
@@ -183,7 +138,7 @@ def run(args, depth: int, data: tuple[jax.Array, ...]) -> dict[str, dict[str, An
 def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, dict[str, Any]]]:
     """Runs the comparison; returns, per depth and method, the final numbers."""
     args = parse_args(argv)
-    data = load(args.seed, args.train_size)
+    data = _common.load_digits_split(args.seed, args.train_size)
     print(
         f"digits row by row: {args.train_size} train / {1797 - args.train_size} test "
         f"images, {ROWS} steps of {ROWS} pixels; {args.cell} blocks of width "

@@ -513,3 +513,53 @@ def test_reward_modulated_gradient_is_reinforce():
     other = module.reinforce_gradient(learner, model, xs, (actions + 1) % 3, advantages)
     difference = other.cell.linear.weight - grads.cell.linear.weight
     assert float(jnp.abs(difference).max()) > 1e-3
+
+
+def test_online_lru_smoke(tmp_path):
+    pytest.importorskip("optax")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    module = _load("examples/online_lru.py")
+    out = tmp_path / "lru.png"
+    sizes = "--delays 2 40 --train-delays 2 --steps 2 --digit-steps 2 --width 4"
+    # A ratio no delay reaches here: the search is checked on its own below.
+    sizes = [*sizes.split(), "--gru-hidden", "4", "--batch", "4", "--ratio", "1e6"]
+    results = module.main([*sizes, "--eval-batch", "8", "--out", str(out)])
+    memory = results["memory"]
+    assert {2, 40} <= set(memory)
+    # BPTT keeps every step, D-RTRL's traces do not grow with the delay.
+    assert memory[40]["bptt"] > memory[2]["bptt"]
+    assert memory[40]["bptt"] / memory[40]["d_rtrl"] > (
+        memory[2]["bptt"] / memory[2]["d_rtrl"]
+    )
+    assert results["first"] is None
+    assert set(results["copy"]) == {2}
+    assert set(results["copy"][2]) == {"d_rtrl", "bptt"}
+    assert set(results["digits"]) == set(module.LABELS)
+    for r in results["digits"].values():
+        assert 0 <= r["accuracy"] <= 1
+        assert len(r["losses"]) == 2 and np.isfinite(r["losses"]).all()
+    # The LRU stack starts from the same network and batch with both methods.
+    first = [results["digits"][n]["losses"][0] for n in ("lru_d_rtrl", "lru_bptt")]
+    assert abs(first[0] - first[1]) < 1e-5
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_online_lru_first_delay_at_ratio(monkeypatch):
+    module = _load("examples/online_lru.py")
+    # BPTT's memory grows linearly with the delay, D-RTRL's does not.
+    probed = []
+
+    def fake(args, delay):
+        probed.append(delay)
+        return {"d_rtrl": 100, "bptt": 10 * delay + 5}
+
+    monkeypatch.setattr(module, "copy_memory", fake)
+    args = module.parse_args(["--ratio", "20"])
+    table = {d: fake(args, d) for d in (100, 1000, 5000)}
+    # 10 d + 5 >= 20 * 100 first at d = 200, between the measured 100 and 1000.
+    assert module.first_delay_at_ratio(args, table) == 200
+    assert 199 in table and table[199]["bptt"] < 2000 <= table[200]["bptt"]
+    assert len(probed) < 3 + 12  # a bisection, not a scan
+    args = module.parse_args(["--ratio", "1000"])
+    assert module.first_delay_at_ratio(args, {5: fake(args, 5)}) is None
