@@ -19,7 +19,6 @@ The plain forms:
 * `tile`: a broadcast (never copies side by side);
 * `turned_product`: the product as written (no weight turned);
 * `turns`: no trace stored turned;
-* `turned_sum`: no running sum kept turned.
 
 ```
 taskset -c 0 python benchmarks/kernels_ablation.py
@@ -77,7 +76,6 @@ PLAIN: dict[str, Callable[..., Any]] = {
     "tile": _tile,
     "turned_product": _turned_product,
     "turns": lambda shape: False,
-    "turned_sum": lambda outer, shape: False,
 }
 
 

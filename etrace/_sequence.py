@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, PyTree
 
 from ._analysis import keystr
 from ._errors import EtraceError
-from ._kernels import after, fused, turned_sum
+from ._kernels import after, fused
 from ._learner import Learner, TraceState
 from ._step import Chunk, ChunkIO, StepOptions
 
@@ -82,20 +82,11 @@ def _zeros_like_grads(model: Any) -> Any:
 
 
 def _turned_sums(learner: Learner, zeros: Any) -> Any:
-    """Per gradient leaf, whether `online_grad` keeps its running sum transposed.
-
-    Where the algorithm's read-out forms each step's weight gradient as one matrix
-    product over the batch (`outer_product_gradients`), XLA on CPU writes an
-    `(m, i)` product with a short last axis up to 2.5 times slower than its
-    transpose (a GRU's 192 x 10 input weight, batch 64: 11.8 against 4.8 us). A
-    matrix whose first axis is the longer is then summed as its transpose and
-    turned back once after the scan. Other read-outs (D-RTRL's sum over its
-    `(m, i)` trace) keep the parameter's layout, which is the trace's too, except
-    for the weights whose gradient the algorithm forms transposed
-    (`transposed_gradients`: D-RTRL's turned traces), whose sums are turned so
-    that adding each step's gradient is not a transpose."""
+    """Per gradient leaf, whether `online_grad` keeps its running sum transposed:
+    the weights whose gradient the algorithm forms transposed
+    (`transposed_gradients`: D-RTRL's turned traces), so that adding each step's
+    gradient is not a transpose. Every other sum keeps the parameter's layout."""
     algorithm = learner.algorithm
-    outer = algorithm.outer_product_gradients
     graph, layout = learner.graph, learner.compiled.layout
     traces = jax.eval_shape(lambda: learner.init()).traces
     names = algorithm.transposed_gradients(graph, traces)
@@ -113,7 +104,8 @@ def _turned_sums(learner: Learner, zeros: Any) -> Any:
             paths.add(layout.paths[s.params[0]])
 
     def turned(path: Any, a: Any) -> bool:
-        return keystr(path) in paths or turned_sum(outer, a.shape)
+        del a
+        return keystr(path) in paths
 
     return jtu.tree_map_with_path(turned, zeros)
 

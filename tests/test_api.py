@@ -71,10 +71,10 @@ class _ClipTraces(etrace.AbstractWrappedAlgorithm):
 @pytest.mark.parametrize("batch", [None, 3])
 def test_online_grad_sums_gradients_formed_transposed_as_transposes(algorithm, batch):
     # `online_grad` sums as its transpose the gradient of a matrix that the
-    # read-out forms transposed: with an outer-product read-out, a matrix whose
-    # first axis is the longer; with D-RTRL's, a weight whose trace is stored
-    # turned. The sum it hands back is the one of the step gradients in the
-    # parameter's layout.
+    # read-out forms transposed (D-RTRL's, of a weight whose trace is stored
+    # turned), and every other in the parameter's layout (an outer-product
+    # read-out's too). The sum it hands back is the one of the step gradients in
+    # the parameter's layout.
     from etrace._sequence import _turned_sums, _zeros_like_grads
 
     model, state = build(GRUNet, 3, 4, 2, seed=5)
@@ -88,8 +88,8 @@ def test_online_grad_sums_gradients_formed_transposed_as_transposes(algorithm, b
     # trace of weight_ih turned (3 inputs, 12 >= 4 * 3 outputs), not weight_hh's
     # (12 < 4 * 4); the wrapper that replaces the update keeps both canonical.
     diagonal_turned = isinstance(algorithm, (etrace.D_RTRL, etrace.EProp))
-    assert turned.cell.weight_ih is (outer or diagonal_turned)
-    assert turned.cell.weight_hh is outer
+    assert turned.cell.weight_ih is diagonal_turned
+    assert turned.cell.weight_hh is False
     assert turned.readout.weight is False and turned.cell.bias is False
     (unit,) = [u for u in learner.graph.units if u.name.startswith("cell.weight_ih")]
     stored = learner.init().traces[unit.name]
@@ -110,6 +110,29 @@ def test_online_grad_sums_gradients_formed_transposed_as_transposes(algorithm, b
     # ... and the comparison has something to compare: the turned sums are not zero.
     assert float(jnp.abs(scanned.cell.weight_ih).min()) > 0
     assert float(jnp.abs(scanned.cell.weight_hh).max()) > 0
+
+
+@pytest.mark.parametrize(
+    "w, c, turned",
+    [(24, 3, True), (12, 12, False), (5, 9, False), (64, 16, True), (63, 16, False)],
+)
+def test_outer_product_sum_equals_the_plain_product(w, c, turned):
+    # On the CPU the batch sum of outer products is formed turned and transposed
+    # (a short last axis) or with its left operand transposed first (any other):
+    # both equal the plain sum of per-example outer products, in the parameter's
+    # layout, and `turned=True` gives the transpose.
+    from etrace import _kernels
+
+    a = jr.normal(jr.key(2), (7, 1, w, 2))
+    b = jr.normal(jr.key(3), (7, 1, 2, c))
+    plain = jnp.einsum("nbwf,nbfc->bwc", a, b)
+    assert (c <= _kernels.TURNED_INPUTS and w >= 4 * c) is turned
+    for f in (_kernels.outer_product_sum, jax.jit(_kernels.outer_product_sum)):
+        assert tree_allclose(f(a, b), plain)
+    turned_sum = _kernels.outer_product_sum(a, b, turned=True)
+    assert tree_allclose(turned_sum, jnp.swapaxes(plain, 1, 2))
+    # A negative control: the sum left without its second factor's column order.
+    assert not tree_allclose(plain, jnp.einsum("nbwf,nbfc->bwc", a, b[..., ::-1]))
 
 
 def test_weight_turned_for_the_product_gives_the_same_product():

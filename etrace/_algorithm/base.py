@@ -27,7 +27,6 @@ CAPABILITIES: dict[str, Any] = {
     "dense_jacobians": True,
     "full_diagonal": False,
     "learning_signal": "gradient",
-    "outer_product_gradients": False,
     "site_jacobians": False,
 }
 LEARNING_SIGNALS = ("gradient", "error_feedback", "target_feedback", "modulator")
@@ -120,10 +119,6 @@ class AbstractAlgorithm(eqx.Module):
         or `"modulator"`: a third factor passed with each step
         (`learner.step(..., modulator=m)`) in place of `dL/dh` for every state of
         every neuron (`ThreeFactor`).
-    - `outer_product_gradients = True`: each step's gradient of a weight matrix is
-        one matrix product over the batch (`ES_D_RTRL`, `OTTT`); `online_grad`
-        may then keep its running sum of such a matrix transposed, the faster
-        layout for that product on CPU. A layout choice only.
     - `site_jacobians = True`, with `routing = "joint"`: in `update`, `jac.x` and
         `jac.Df` are keyed by site name: every weight operation's input in
         canonical form `(B, Fx, C)` and `dh^t/dy^t`, the derivative of the whole
@@ -137,7 +132,6 @@ class AbstractAlgorithm(eqx.Module):
     dense_jacobians: ClassVar[bool] = True
     full_diagonal: ClassVar[bool] = False
     learning_signal: ClassVar[str] = "gradient"
-    outer_product_gradients: ClassVar[bool] = False
     site_jacobians: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import jax.numpy as jnp
 from jaxtyping import Array, Inexact
@@ -52,7 +52,6 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
 
     decay: float
     bias_correction: bool = False
-    outer_product_gradients: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import jax.numpy as jnp
 from jaxtyping import Array, Inexact
@@ -42,7 +42,6 @@ class OTTT(AbstractUnitAlgorithm):
 
     trace: PresynapticTrace | None
     mode: str
-    outer_product_gradients: ClassVar[bool] = True
 
     def __init__(self, decay: Any = None, *, mode: str = "A"):
         if mode not in ("A", "O"):

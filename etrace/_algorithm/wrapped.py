@@ -65,10 +65,6 @@ class AbstractWrappedAlgorithm(AbstractAlgorithm):
         return self.inner.learning_signal
 
     @property
-    def outer_product_gradients(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
-        return self.inner.outer_product_gradients
-
-    @property
     def site_jacobians(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.inner.site_jacobians
 
