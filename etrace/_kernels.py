@@ -147,8 +147,10 @@ def _summed_outer_product(lhs: Array, rhs: Array) -> Array:
     The barrier keeps XLA from folding either transpose back into the product."""
     (_, w), (_, c) = lhs.shape, rhs.shape
     if c <= TURNED_INPUTS and w >= 4 * c:
-        return jax.lax.optimization_barrier(rhs.T @ lhs).T
-    return jax.lax.optimization_barrier(lhs.T) @ rhs
+        product = jax.lax.optimization_barrier(rhs.T @ lhs).T
+    else:
+        product = jax.lax.optimization_barrier(lhs.T) @ rhs
+    return _times_kept_one(product)
 
 
 # An element-wise loop reading a concatenation ran about twice as fast as one
@@ -216,4 +218,3 @@ def turns(shape: tuple[int, int, int, int]) -> bool:
     layouts apart by shape)."""
     _, w, f, c = shape
     return 2 <= c <= TURNED_INPUTS and w * f >= 4 * c
-

@@ -109,7 +109,7 @@ def copy_memory(args, delay: int) -> dict[str, int]:
 def _lru_model(args, n_in: int, n_out: int):
     key = jr.fold_in(jr.key(args.seed), 1)
     return eqx.nn.make_with_state(_common.lru_stack)(
-        n_in, args.width, args.depth, n_out, key=key
+        n_in, args.width, args.depth, n_out, r_min=args.r_min, r_max=args.r_max, key=key
     )
 
 
@@ -305,6 +305,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--width", type=int, default=64, help="width of the LRU blocks")
     add("--depth", type=int, default=2, help="LRU blocks")
     add("--gru-hidden", type=int, default=64, help="GRU hidden size (digits)")
+    add("--r-min", type=float, default=0.9, help="LRU ring: least |lambda|")
+    add("--r-max", type=float, default=0.999, help="LRU ring: largest |lambda|")
     add("--batch", type=int, default=32, help="sequences per step")
     add("--eval-batch", type=int, default=500, help="held-out copy sequences")
     add("--length", type=int, default=5, help="symbols to copy")

@@ -17,7 +17,7 @@ from jaxtyping import Array, PyTree
 
 from .._errors import EtraceError
 from .._graph import Graph, Unit
-from .._kernels import batch_sum
+from .._kernels import batch_sum, outer_product_sum
 
 
 # Every capability an algorithm may declare, with its default. They change what
@@ -72,6 +72,18 @@ def _check_capabilities(cls: type) -> None:
             f"`{cls.__name__}.learning_signal` must be one of {LEARNING_SIGNALS}, "
             f"got {signal!r}."
         )
+
+
+def summed_outer_product(unit: Unit, a: Array, x: Array) -> Array:
+    """`_kernels.outer_product_sum(a, x)`, the batch sum of per-example outer
+    products in canonical `(B, Fw, C)` form, for an outer-product read-out of
+    `unit`. Where the weight is a matrix stored turned, `(C, Fw)` (`x @ W`), the
+    product is formed turned and swapped back here: the swap cancels the one that
+    maps the gradient to the weight's layout, and the product is written as the
+    weight lies."""
+    if unit.site.w_perm == (1, 0):
+        return outer_product_sum(a, x, turned=True).swapaxes(1, 2)
+    return outer_product_sum(a, x)
 
 
 def overrides(algorithm: Any, cls: type, *names: str) -> bool:

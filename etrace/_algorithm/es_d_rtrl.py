@@ -9,8 +9,13 @@ from jaxtyping import Array, Inexact
 
 from .._errors import EtraceError
 from .._graph import Graph, Unit
-from .._kernels import fused, outer_product_sum, weighted_states
-from .base import AbstractAlgorithm, AbstractUnitAlgorithm, overrides
+from .._kernels import fused, weighted_states
+from .base import (
+    AbstractAlgorithm,
+    AbstractUnitAlgorithm,
+    overrides,
+    summed_outer_product,
+)
 
 
 class ES_D_RTRL(AbstractUnitAlgorithm):
@@ -173,7 +178,7 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
         if overrides(self, ES_D_RTRL, "gradient_unit"):
             return None
         ex, ef = trace
-        return outer_product_sum(_weighted(signal, ef), ex)
+        return summed_outer_product(unit, _weighted(signal, ef), ex)
 
     def _correction(self, t: Any, dtype: Any) -> Any:
         # The output trace is an exponential average started from zero: its weights
@@ -216,7 +221,7 @@ class ES_D_RTRL(AbstractUnitAlgorithm):
             if key not in weighted:
                 gathered = u.gather(signal[u.group.name], axis=1)
                 weighted[key] = _weighted(gathered, ef)
-            out[u.name] = outer_product_sum(weighted[key], ex)
+            out[u.name] = summed_outer_product(u, weighted[key], ex)
         return out
 
 

@@ -9,8 +9,8 @@ from jaxtyping import Array, Inexact
 
 from .._errors import EtraceError
 from .._graph import Unit
-from .._kernels import outer_product_sum, weighted_states
-from .base import AbstractUnitAlgorithm, overrides
+from .._kernels import weighted_states
+from .base import AbstractUnitAlgorithm, overrides, summed_outer_product
 from .helpers import PresynapticTrace
 
 
@@ -78,4 +78,4 @@ class OTTT(AbstractUnitAlgorithm):
     def summed_gradient_unit(self, unit, trace, signal, Df, x):
         if overrides(self, OTTT, "gradient_unit"):
             return None
-        return outer_product_sum(weighted_states(signal, Df), trace)
+        return summed_outer_product(unit, weighted_states(signal, Df), trace)

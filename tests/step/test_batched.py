@@ -116,6 +116,52 @@ def test_batched_step_equals_vmapped_step_and_online_grad(family, name):
     assert max(float(jnp.abs(t).max()) for t in jax.tree.leaves(ts.traces)) > 0
 
 
+class InOutCell(eqx.Module):
+    """A tanh cell whose weights are stored `(in, out)` and applied as `x @ W`,
+    the layout in which an outer-product read-out forms its product turned."""
+
+    w: jax.Array
+    u: jax.Array
+    readout: eqx.nn.Linear
+
+    def __init__(self, n_in, hidden, n_out, key):
+        k1, k2, k3 = jr.split(key, 3)
+        self.w = jr.normal(k1, (n_in, hidden)) / n_in**0.5
+        self.u = 0.5 * jr.normal(k2, (hidden, hidden)) / hidden**0.5
+        self.readout = eqx.nn.Linear(hidden, n_out, key=k3)
+
+    def __call__(self, x, h):
+        h = jnp.tanh(x @ self.w + h @ self.u)
+        return self.readout(h), h
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [etrace.ES_D_RTRL(decay=0.6), etrace.OTTT(decay=0.7)],
+    ids=["es_d_rtrl", "ottt"],
+)
+def test_weights_stored_in_out(algorithm):
+    # A weight stored `(in, out)` gets its summed gradient formed turned, in its
+    # own layout: the batched step still equals the vmapped one and online_grad.
+    model = InOutCell(3, 5, 2, jr.key(3))
+    state = jnp.zeros(5)
+    xs, ys = _data()
+    learner, _ = etrace.compile(model, xs[0, 0], state=state, algorithm=algorithm)
+    assert {u.site.w_perm for u in learner.graph.units if u.site.kind == "matrix"} == {
+        (1, 0)
+    }
+    grads, ts = _run(learner, model, xs, ys, _batched(learner))
+    looped, ts_loop = _run(learner, model, xs, ys, _vmapped(learner))
+    online, _, _ = etrace.online_grad(
+        learner, mse, model, learner.init(batch_size=B), xs, ys
+    )
+    assert _worst(grads, looped) <= RTOL and _worst(grads, online) <= RTOL
+    assert _worst(ts, ts_loop) <= RTOL
+    assert float(jnp.abs(grads.w).min()) > 0 and float(jnp.abs(grads.u).max()) > 0
+    # A negative control: the rows of `w`'s gradient out of order fail it.
+    assert _worst(grads, eqx.tree_at(lambda g: g.w, looped, looped.w[::-1])) > 1e-3
+
+
 def _rate(model, state, xs):
     def body(s, x):
         _, s = model(x, s)
