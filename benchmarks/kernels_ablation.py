@@ -75,7 +75,7 @@ PLAIN: dict[str, Callable[..., Any]] = {
     "outer_product_sum": _outer_product_sum,
     "tile": _tile,
     "turned_product": _turned_product,
-    "turns": lambda shape: False,
+    "turns": lambda shape, in_out=False: False,
 }
 
 

@@ -212,9 +212,14 @@ def with_weight_turned(eqn, args: list[Any], w_pos: int):
 TURNED_INPUTS = 16
 
 
-def turns(shape: tuple[int, int, int, int]) -> bool:
+def turns(shape: tuple[int, int, int, int], in_out: bool = False) -> bool:
     """Whether a D-RTRL trace of canonical shape `(B, Fw, Fx, C)` is stored turned,
     `(B, C, Fw, Fx)`: few inputs against many outputs (which also tells the two
-    layouts apart by shape)."""
+    layouts apart by shape); or, with `in_out`, for a weight stored `(C, Fw)`
+    (`x @ W`) whose outputs make a long enough last axis: its summed read-out is
+    then formed in the weight's layout, where from canonical traces XLA fused the
+    transpose into the batch sum's last pass (measured at `in_out`'s use)."""
     _, w, f, c = shape
+    if in_out and w * f >= TURNED_INPUTS:
+        return True
     return 2 <= c <= TURNED_INPUTS and w * f >= 4 * c

@@ -11,6 +11,7 @@ import pytest
 import etrace
 import etrace.nn as enn
 import etrace.testing as et
+from etrace._algorithm.diagonal.turned import is_turned
 from etrace._step import hooks
 
 from ..helpers import leaf_errors, mse
@@ -118,38 +119,50 @@ def test_batched_step_equals_vmapped_step_and_online_grad(family, name):
 
 class InOutCell(eqx.Module):
     """A tanh cell whose weights are stored `(in, out)` and applied as `x @ W`,
-    the layout in which an outer-product read-out forms its product turned."""
+    the layout in which an outer-product read-out forms its product turned and
+    D-RTRL stores its traces turned; with `diagonal`, an element-wise recurrence
+    (D-RTRL is then exact)."""
 
     w: jax.Array
     u: jax.Array
     readout: eqx.nn.Linear
+    diagonal: bool = eqx.field(static=True)
 
-    def __init__(self, n_in, hidden, n_out, key):
+    def __init__(self, n_in, hidden, n_out, key, diagonal=False):
         k1, k2, k3 = jr.split(key, 3)
         self.w = jr.normal(k1, (n_in, hidden)) / n_in**0.5
-        self.u = 0.5 * jr.normal(k2, (hidden, hidden)) / hidden**0.5
+        shape = (hidden,) if diagonal else (hidden, hidden)
+        self.u = 0.5 * jr.normal(k2, shape) / (1 if diagonal else hidden**0.5)
         self.readout = eqx.nn.Linear(hidden, n_out, key=k3)
+        self.diagonal = diagonal
 
     def __call__(self, x, h):
-        h = jnp.tanh(x @ self.w + h @ self.u)
+        recurrent = self.u * h if self.diagonal else h @ self.u
+        h = jnp.tanh(x @ self.w + recurrent)
         return self.readout(h), h
+
+
+IN_OUT_HIDDEN = 16  # D-RTRL stores an `(in, out)` weight's traces turned from 16
 
 
 @pytest.mark.parametrize(
     "algorithm",
-    [etrace.ES_D_RTRL(decay=0.6), etrace.OTTT(decay=0.7)],
-    ids=["es_d_rtrl", "ottt"],
+    [etrace.ES_D_RTRL(decay=0.6), etrace.OTTT(decay=0.7), etrace.D_RTRL()],
+    ids=["es_d_rtrl", "ottt", "d_rtrl"],
 )
 def test_weights_stored_in_out(algorithm):
-    # A weight stored `(in, out)` gets its summed gradient formed turned, in its
-    # own layout: the batched step still equals the vmapped one and online_grad.
-    model = InOutCell(3, 5, 2, jr.key(3))
-    state = jnp.zeros(5)
+    # A weight stored `(in, out)` gets its summed gradient formed in its own
+    # layout (turned): the batched step still equals the vmapped one and
+    # online_grad.
+    model = InOutCell(3, IN_OUT_HIDDEN, 2, jr.key(3), diagonal=True)
+    state = jnp.zeros(IN_OUT_HIDDEN)
     xs, ys = _data()
     learner, _ = etrace.compile(model, xs[0, 0], state=state, algorithm=algorithm)
-    assert {u.site.w_perm for u in learner.graph.units if u.site.kind == "matrix"} == {
-        (1, 0)
-    }
+    units = [u for u in learner.graph.units if u.site.kind == "matrix"]
+    assert {u.site.w_perm for u in units} == {(1, 0)}
+    if isinstance(algorithm, etrace.D_RTRL):
+        traces = learner.init().traces
+        assert all(is_turned(u, traces[u.name]) for u in units)
     grads, ts = _run(learner, model, xs, ys, _batched(learner))
     looped, ts_loop = _run(learner, model, xs, ys, _vmapped(learner))
     online, _, _ = etrace.online_grad(
@@ -160,6 +173,26 @@ def test_weights_stored_in_out(algorithm):
     assert float(jnp.abs(grads.w).min()) > 0 and float(jnp.abs(grads.u).max()) > 0
     # A negative control: the rows of `w`'s gradient out of order fail it.
     assert _worst(grads, eqx.tree_at(lambda g: g.w, looped, looped.w[::-1])) > 1e-3
+
+
+def test_d_rtrl_exact_with_turned_in_out_traces():
+    # An element-wise recurrence with its input weight stored `(in, out)`: D-RTRL,
+    # with that weight's traces stored turned, equals BPTT for every parameter;
+    # with the recurrence made dense it does not (the negative control). Float64
+    # (tests/conftest.py).
+    xs, ys = _data()
+    for diagonal, check in [
+        (True, et.assert_matches_bptt),
+        (False, et.assert_differs_from_bptt),
+    ]:
+        model = InOutCell(3, IN_OUT_HIDDEN, 2, jr.key(4), diagonal)
+        state = jnp.zeros(IN_OUT_HIDDEN)
+        learner, _ = etrace.compile(model, xs[0, 0], state=state)
+        (unit,) = [u for u in learner.graph.units if u.name.startswith("w @")]
+        # (The dense recurrence reaches the state only through `u`: no trace.)
+        assert is_turned(unit, learner.init().traces[unit.name]) is diagonal
+        assert xs.dtype == jnp.float64 and model.w.dtype == jnp.float64
+        check(learner, mse, model, learner.init(batch_size=B), xs, ys)
 
 
 def _rate(model, state, xs):

@@ -118,7 +118,8 @@ class AbstractDiagonalAlgorithm(AbstractUnitAlgorithm):
         untraced = self._untraced(unit, full)
         if self.stores_sparse(unit):
             return masked.sparse_init(unit, untraced)
-        turned = not full and turns(unit.shape) and self._shipped("init_unit")
+        in_out = unit.site.w_perm == (1, 0)
+        turned = not full and turns(unit.shape, in_out) and self._shipped("init_unit")
         return diagonal_init(unit, untraced, turned)
 
     def init_unit(self, unit: Unit) -> tuple[Inexact[Array, "*trace"] | None, ...]:
