@@ -301,6 +301,13 @@ def render(meta: dict[str, Any], tasks: dict[str, dict[str, Any]]) -> str:
             "(every method, compilation included).",
             "",
         ]
+    out += [
+        "## Online LRU stack: long delays and pixel-by-pixel digits",
+        "",
+        "`examples/online_lru.py` takes too long for this page: its results,",
+        "measured by hand, are on [Long delays online](long_delays.md).",
+        "",
+    ]
     return "\n".join(out).rstrip() + "\n"
 
 
