@@ -18,6 +18,17 @@ def _default_dtype(dtype: Any) -> Any:
     return jnp.zeros((), dtype).dtype if dtype is None else dtype
 
 
+def _check_unit_range(names: tuple[str, str], low: Any, high: Any, what: str) -> None:
+    """`0 < low <= high < 1` for an initialisation range, else an `EtraceError`
+    naming both arguments and what they range over."""
+    if not 0 < low <= high < 1:
+        lo, hi = names
+        raise EtraceError(
+            f"`{lo}` and `{hi}` must satisfy 0 < {lo} <= {hi} < 1 (the range of "
+            f"{what}), got {lo}={low!r}, {hi}={high!r}."
+        )
+
+
 def _check_sizes(input_size: Any, hidden_size: Any) -> None:
     for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -150,11 +161,7 @@ class DiagonalLinearCell(eqx.Module):
         key: PRNGKeyArray,
     ):
         _check_sizes(input_size, hidden_size)
-        if not 0 < r_min <= r_max < 1:
-            raise EtraceError(
-                f"`r_min` and `r_max` must satisfy 0 < r_min <= r_max < 1 (the range "
-                f"of the initial decays), got r_min={r_min!r}, r_max={r_max!r}."
-            )
+        _check_unit_range(("r_min", "r_max"), r_min, r_max, "the initial decays")
         dtype = _default_dtype(dtype)
         ka, kb = jr.split(key)
         a = jr.uniform(ka, (hidden_size,), dtype, minval=r_min, maxval=r_max)

@@ -17,7 +17,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._errors import EtraceError
-from ._cells import _check_sizes, _default_dtype
+from ._cells import _check_sizes, _check_unit_range, _default_dtype
 
 
 def _linear(input_size: int, hidden_size: int, dtype: Any, key: PRNGKeyArray):
@@ -91,11 +91,7 @@ class RGLRU(eqx.Module):
         key: PRNGKeyArray,
     ):
         _check_sizes(input_size, hidden_size)
-        if not 0 < a_min <= a_max < 1:
-            raise EtraceError(
-                "`a_min` and `a_max` must satisfy 0 < a_min <= a_max < 1 (the range "
-                f"of the initial a^c), got a_min={a_min!r}, a_max={a_max!r}."
-            )
+        _check_unit_range(("a_min", "a_max"), a_min, a_max, "the initial a^c")
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
             raise EtraceError(f"`c` must be a number > 0 (default 8.0), got {c!r}.")
         dtype = _default_dtype(dtype)

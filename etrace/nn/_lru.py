@@ -11,15 +11,12 @@ import jax.random as jr
 from jaxtyping import Array, Complex, Float, PRNGKeyArray
 
 from .._errors import EtraceError
-from ._cells import _check_sizes, _default_dtype
+from ._cells import _check_sizes, _check_unit_range, _default_dtype
 
 
 def _check_ring(r_min: Any, r_max: Any, max_phase: Any) -> None:
-    if not 0 < r_min <= r_max < 1:
-        raise EtraceError(
-            "`r_min` and `r_max` must satisfy 0 < r_min <= r_max < 1 (the ring of "
-            f"the initial eigenvalues' moduli), got r_min={r_min!r}, r_max={r_max!r}."
-        )
+    what = "the ring of the initial eigenvalues' moduli"
+    _check_unit_range(("r_min", "r_max"), r_min, r_max, what)
     if not 0 < max_phase <= 2 * math.pi:
         raise EtraceError(
             "`max_phase` must be in (0, 2 pi] (the initial eigenvalues' phases are "
